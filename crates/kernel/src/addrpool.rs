@@ -1,0 +1,75 @@
+//! Choosing the addresses of a new sandbox: the first free block of each pool that overlaps
+//! no address or route already present and no other live sandbox. Pure; tested without root.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::nft::ruleset::Addressing;
+
+/// Default pools for real use; tests and users override them (`--pool4`, `--pool6`).
+pub const DEFAULT_POOL4: &str = "10.139.0.0/16";
+pub const DEFAULT_POOL6: &str = "fd70:6f72:7463::/48";
+/// Size of one sandbox's blocks: a /30 (host .1, sandbox .2) and a /64 (host ::1, sandbox ::2).
+pub const BLOCK4: u8 = 30;
+pub const BLOCK6: u8 = 64;
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Picks addressing for a sandbox; `start` spreads concurrent runs over the pool.
+pub fn allocate(pool4: Ipv4Net, pool6: Ipv6Net, in_use: &[IpNet], start: u64) -> Option<Addressing> {
+    let free = |net: IpNet| !in_use.iter().any(|u| overlaps(u, &net));
+    let blocks4: Vec<Ipv4Net> = pool4.subnets(BLOCK4.max(pool4.prefix_len())).ok()?.collect();
+    let n4 = blocks4.len() as u64;
+    let b4 = (0..n4).map(|i| blocks4[((start + i) % n4) as usize]).find(|b| free(IpNet::V4(*b)))?;
+    let prefix6 = BLOCK6.max(pool6.prefix_len());
+    let span = 1u128 << (prefix6 - pool6.prefix_len()).min(20);
+    let b6 = (0..span)
+        .map(|i| {
+            let idx = (u128::from(start) + i) % span;
+            let base = u128::from(pool6.network()) + (idx << (128 - u32::from(prefix6)));
+            Ipv6Net::new(Ipv6Addr::from(base), prefix6).expect("valid prefix")
+        })
+        .find(|b| free(IpNet::V6(*b)))?;
+    let v4 = |off: u32| Ipv4Addr::from(u32::from(b4.network()) + off);
+    let v6 = |off: u128| Ipv6Addr::from(u128::from(b6.network()) + off);
+    Some(Addressing {
+        host4: v4(1),
+        sandbox4: v4(2),
+        prefix4: b4.prefix_len(),
+        host6: v6(1),
+        sandbox6: v6(2),
+        prefix6: b6.prefix_len(),
+    })
+}
+
+/// The prefixes a live sandbox holds, for `allocate`'s `in_use`.
+pub fn prefixes_of(a: &Addressing) -> [IpNet; 2] {
+    [
+        IpNet::new(IpAddr::V4(a.host4), a.prefix4).map(|n| n.trunc()).unwrap_or_else(|_| IpNet::from(IpAddr::V4(a.host4))),
+        IpNet::new(IpAddr::V6(a.host6), a.prefix6).map(|n| n.trunc()).unwrap_or_else(|_| IpNet::from(IpAddr::V6(a.host6))),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skips_blocks_in_use_and_fails_when_full() {
+        let pool4: Ipv4Net = "203.0.113.128/29".parse().unwrap();
+        let pool6: Ipv6Net = "2001:db8:fffe::/63".parse().unwrap();
+        let used: Vec<IpNet> = vec!["203.0.113.128/30".parse().unwrap(), "2001:db8:fffe::/64".parse().unwrap()];
+        let a = allocate(pool4, pool6, &used, 0).unwrap();
+        assert_eq!(a.host4, "203.0.113.133".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(a.sandbox4, "203.0.113.134".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(a.sandbox6, "2001:db8:fffe:1::2".parse::<Ipv6Addr>().unwrap());
+        let mut used = used;
+        used.extend(prefixes_of(&a));
+        assert!(allocate(pool4, pool6, &used, 0).is_none());
+        // A wide route covering the pool (not a default route) makes it unusable too.
+        assert!(allocate(pool4, pool6, &["203.0.113.0/24".parse().unwrap()], 0).is_none());
+    }
+}

@@ -1,0 +1,205 @@
+//! Links, addresses and routes over rtnetlink: the veth pair between the invoking namespace
+//! and a sandbox, and the read-only view of existing addresses and routes used to pick
+//! sandbox addresses that collide with nothing.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd as _;
+use std::path::Path;
+
+use futures::TryStreamExt as _;
+use ipnet::IpNet;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use crate::names::{SANDBOX_IFNAME, SandboxId};
+use crate::nft::ruleset::Addressing;
+use crate::{Error, Result, netns};
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
+    let what = what.into();
+    move |e| Error::netlink(what, e)
+}
+
+/// Runs an rtnetlink session on a current-thread runtime in the calling thread.
+fn with_handle<T, F, Fut>(f: F) -> Result<T>
+where
+    F: FnOnce(Handle) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("start rtnetlink runtime", e))?;
+    rt.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| Error::io("open rtnetlink socket", e))?;
+        let task = tokio::spawn(conn);
+        let out = f(handle).await;
+        task.abort();
+        out
+    })
+}
+
+async fn index_of(handle: &Handle, name: &str) -> Result<u32> {
+    let what = format!("find link {name}");
+    handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+        .map_err(nl(what.clone()))?
+        .map(|l| l.header.index)
+        .ok_or_else(|| Error::Other(format!("{what}: no such link")))
+}
+
+async fn add_addr(handle: &Handle, index: u32, ifname: &str, addr: IpAddr, prefix: u8) -> Result<()> {
+    let mut req = handle.address().add(index, addr, prefix);
+    // No duplicate address detection: the link is point-to-point and ours, and a tentative
+    // address could neither be bound by the relay nor used by the sandbox for a second or two.
+    req.message_mut().attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+    req.execute().await.map_err(nl(format!("add address {addr}/{prefix} to {ifname}")))
+}
+
+/// Creates the veth pair of sandbox `id`, moves its sandbox end into the namespace at
+/// `ns_path`, and configures both ends: addresses, routes, loopback, links up.
+pub fn setup_veth(id: &SandboxId, a: &Addressing, ns_path: &Path) -> Result<()> {
+    let host = id.host_ifname();
+    let peer = id.peer_ifname();
+    let ns = std::fs::File::open(ns_path).map_err(|e| Error::io(format!("open {}", ns_path.display()), e))?;
+    let a2 = a.clone();
+    let host2 = host.clone();
+    with_handle(|handle| async move {
+        handle
+            .link()
+            .add(LinkVeth::new(&host2, &peer).build())
+            .execute()
+            .await
+            .map_err(nl(format!("create veth pair {host2}/{peer}")))?;
+        let peer_index = index_of(&handle, &peer).await?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(peer_index).setns_by_fd(ns.as_raw_fd()).build())
+            .execute()
+            .await
+            .map_err(nl(format!("move {peer} into the sandbox")))?;
+        let host_index = index_of(&handle, &host2).await?;
+        add_addr(&handle, host_index, &host2, a2.host4.into(), a2.prefix4).await?;
+        add_addr(&handle, host_index, &host2, a2.host6.into(), a2.prefix6).await?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(host_index).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("set {host2} up")))
+    })?;
+    let a = a.clone();
+    netns::run_in(ns_path, move || {
+        with_handle(|handle| async move {
+            let lo = index_of(&handle, "lo").await?;
+            handle
+                .link()
+                .set(LinkUnspec::new_with_index(lo).up().build())
+                .execute()
+                .await
+                .map_err(nl("set lo up in the sandbox"))?;
+            let index = index_of(&handle, &id_peer(&host)).await?;
+            handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).name(SANDBOX_IFNAME.to_owned()).up().build())
+                .execute()
+                .await
+                .map_err(nl("rename and set up the sandbox link"))?;
+            add_addr(&handle, index, SANDBOX_IFNAME, a.sandbox4.into(), a.prefix4).await?;
+            add_addr(&handle, index, SANDBOX_IFNAME, a.sandbox6.into(), a.prefix6).await?;
+            handle
+                .route()
+                .add(RouteMessageBuilder::<Ipv4Addr>::new().gateway(a.host4).output_interface(index).build())
+                .execute()
+                .await
+                .map_err(nl(format!("add default route via {} in the sandbox", a.host4)))?;
+            handle
+                .route()
+                .add(RouteMessageBuilder::<Ipv6Addr>::new().gateway(a.host6).output_interface(index).build())
+                .execute()
+                .await
+                .map_err(nl(format!("add default route via {} in the sandbox", a.host6)))
+        })
+    })
+}
+
+fn id_peer(host: &str) -> String {
+    SandboxId::from_ifname(host).map(|id| id.peer_ifname()).unwrap_or_default()
+}
+
+/// Deletes a link by name; a link that is already gone is not an error.
+pub fn delete_link(name: &str) -> Result<()> {
+    let name = name.to_owned();
+    with_handle(|handle| async move {
+        let index = match index_of(&handle, &name).await {
+            Ok(i) => i,
+            Err(_) => return Ok(()),
+        };
+        match handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+            Err(e) => Err(nl(format!("delete link {name}"))(e)),
+        }
+    })
+}
+
+/// Names of all links in the calling thread's namespace.
+pub fn link_names() -> Result<Vec<String>> {
+    use netlink_packet_route::link::LinkAttribute;
+    with_handle(|handle| async move {
+        let links: Vec<_> = handle.link().get().execute().try_collect().await.map_err(nl("list links"))?;
+        Ok(links
+            .into_iter()
+            .filter_map(|l| {
+                l.attributes.into_iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n),
+                    _ => None,
+                })
+            })
+            .collect())
+    })
+}
+
+/// Every prefix in use in the calling thread's namespace: addresses (with their prefix) and
+/// route destinations. A sandbox block must overlap none of them.
+pub fn prefixes_in_use() -> Result<Vec<IpNet>> {
+    with_handle(|handle| async move {
+        let mut out = Vec::new();
+        let addrs: Vec<_> = handle.address().get().execute().try_collect().await.map_err(nl("list addresses"))?;
+        for m in addrs {
+            for attr in &m.attributes {
+                if let AddressAttribute::Address(ip) = attr {
+                    if let Ok(net) = IpNet::new(*ip, m.header.prefix_len) {
+                        out.push(net.trunc());
+                    }
+                }
+            }
+        }
+        for route in [RouteMessageBuilder::<Ipv4Addr>::new().build(), RouteMessageBuilder::<Ipv6Addr>::new().build()] {
+            let routes: Vec<_> = handle.route().get(route).execute().try_collect().await.map_err(nl("list routes"))?;
+            for r in routes {
+                let len = r.header.destination_prefix_length;
+                if len == 0 {
+                    continue; // default routes overlap everything and say nothing about use
+                }
+                for attr in &r.attributes {
+                    let ip: IpAddr = match attr {
+                        RouteAttribute::Destination(RouteAddress::Inet(a)) => (*a).into(),
+                        RouteAttribute::Destination(RouteAddress::Inet6(a)) => (*a).into(),
+                        _ => continue,
+                    };
+                    if let Ok(net) = IpNet::new(ip, len) {
+                        out.push(net.trunc());
+                    }
+                }
+            }
+        }
+        Ok(out)
+    })
+}

@@ -1,0 +1,174 @@
+//! Blocked packets reported by the sandbox's `log group N` rules, read from NFLOG.
+//!
+//! Each sandbox gets its own NFLOG group (one listener per group and namespace is all the
+//! kernel allows); binding the group first reserves it before the rules that use it exist.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_netfilter::nflog::{ConfigCmd, ConfigMode, ConfigNla, PacketNla, ULogMessage, config_request};
+use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+
+use crate::{Error, Result};
+
+/// One dropped packet, as far as the report needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockedPacket {
+    pub dst: IpAddr,
+    /// IP protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6...).
+    pub proto: u8,
+    /// Destination port for TCP and UDP.
+    pub dport: Option<u16>,
+}
+
+/// Parses the network header of a logged packet.
+pub fn parse_packet(p: &[u8]) -> Option<BlockedPacket> {
+    let version = p.first()? >> 4;
+    let (dst, proto, l4): (IpAddr, u8, usize) = match version {
+        4 => {
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            let dst: [u8; 4] = p.get(16..20)?.try_into().ok()?;
+            (Ipv4Addr::from(dst).into(), *p.get(9)?, ihl)
+        }
+        6 => {
+            let dst: [u8; 16] = p.get(24..40)?.try_into().ok()?;
+            (Ipv6Addr::from(dst).into(), *p.get(6)?, 40)
+        }
+        _ => return None,
+    };
+    let dport = match proto {
+        6 | 17 => p.get(l4 + 2..l4 + 4).map(|b| u16::from_be_bytes([b[0], b[1]])),
+        _ => None,
+    };
+    Some(BlockedPacket { dst, proto, dport })
+}
+
+/// A bound NFLOG group.
+#[derive(Debug)]
+pub struct NflogGroup {
+    socket: Socket,
+    pub group: u16,
+}
+
+impl NflogGroup {
+    /// Binds the first free group among `candidates`.
+    pub fn bind_any(candidates: impl IntoIterator<Item = u16>) -> Result<Self> {
+        let mut last = None;
+        for group in candidates {
+            match Self::bind(group) {
+                Ok(g) => return Ok(g),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Other("no NFLOG group to bind".into())))
+    }
+
+    fn bind(group: u16) -> Result<Self> {
+        let what = format!("bind NFLOG group {group}");
+        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|e| Error::io(&what, e))?;
+        socket.bind_auto().map_err(|e| Error::io(&what, e))?;
+        socket.connect(&SocketAddr::new(0, 0)).map_err(|e| Error::io(&what, e))?;
+        for nlas in [vec![ConfigNla::Cmd(ConfigCmd::Bind)], vec![ConfigNla::Mode(ConfigMode::PACKET_MAX)]] {
+            let msg = config_request(NetfilterProtoFamily::Unspec, group, nlas);
+            let mut buf = vec![0; msg.buffer_len()];
+            msg.serialize(&mut buf);
+            socket.send(&buf, 0).map_err(|e| Error::io(&what, e))?;
+            let mut rbuf = vec![0u8; 4096];
+            let n = socket.recv(&mut &mut rbuf[..], 0).map_err(|e| Error::io(&what, e))?;
+            let reply = NetlinkMessage::<NetfilterMessage>::deserialize(&rbuf[..n]).map_err(|e| Error::netlink(&what, e))?;
+            if let NetlinkPayload::Error(e) = reply.payload {
+                if e.code.is_some() {
+                    return Err(Error::Kernel { what, source: e.to_io() });
+                }
+            }
+        }
+        Ok(NflogGroup { socket, group })
+    }
+
+    /// Reads packets on a dedicated thread until `stop` is set, calling `on_packet` for each.
+    pub fn spawn_reader<F>(self, stop: Arc<AtomicBool>, mut on_packet: F) -> Result<std::thread::JoinHandle<()>>
+    where
+        F: FnMut(BlockedPacket) + Send + 'static,
+    {
+        // A short receive timeout lets the thread notice `stop`.
+        set_timeout(&self.socket, Duration::from_millis(200));
+        std::thread::Builder::new()
+            .name(format!("nflog-{}", self.group))
+            .spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                while !stop.load(Ordering::Relaxed) {
+                    let n = match self.socket.recv(&mut &mut buf[..], 0) {
+                        Ok(n) => n,
+                        Err(_) => continue,
+                    };
+                    let mut off = 0;
+                    while off < n {
+                        let Ok(msg) = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[off..n]) else { break };
+                        let len = msg.header.length as usize;
+                        if len == 0 {
+                            break;
+                        }
+                        off += (len + 3) & !3;
+                        if let NetlinkPayload::InnerMessage(NetfilterMessage {
+                            inner: NetfilterMessageInner::ULog(ULogMessage::Packet(nlas)),
+                            ..
+                        }) = msg.payload
+                        {
+                            for nla in nlas {
+                                if let PacketNla::Payload(p) = nla {
+                                    if let Some(pkt) = parse_packet(&p) {
+                                        on_packet(pkt);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::io("spawn NFLOG reader", e))
+    }
+}
+
+fn set_timeout(socket: &Socket, d: Duration) {
+    use std::os::fd::AsRawFd as _;
+    let tv = libc::timeval { tv_sec: d.as_secs() as libc::time_t, tv_usec: d.subsec_micros() as libc::suseconds_t };
+    // SAFETY: valid socket fd and a properly initialised timeval of the size given.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tcp_over_ipv4_and_udp_over_ipv6() {
+        let mut v4 = vec![0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0, 203, 0, 113, 130, 198, 51, 100, 7];
+        v4.extend_from_slice(&[0x30, 0x39, 0x01, 0xbb]);
+        assert_eq!(
+            parse_packet(&v4),
+            Some(BlockedPacket { dst: "198.51.100.7".parse().unwrap(), proto: 6, dport: Some(443) })
+        );
+        let mut v6 = vec![0x60, 0, 0, 0, 0, 8, 17, 64];
+        v6.extend_from_slice(&"2001:db8:fffe::2".parse::<Ipv6Addr>().unwrap().octets());
+        v6.extend_from_slice(&"2001:db8::7".parse::<Ipv6Addr>().unwrap().octets());
+        v6.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, 8, 0, 0]);
+        assert_eq!(
+            parse_packet(&v6),
+            Some(BlockedPacket { dst: "2001:db8::7".parse().unwrap(), proto: 17, dport: Some(53) })
+        );
+        assert_eq!(parse_packet(&[0x45, 0]), None);
+        assert_eq!(parse_packet(&[]), None);
+    }
+}

@@ -1,0 +1,221 @@
+//! The nftables ruleset of one sandbox, as `nft -f` text. Pure: no I/O, tested without root.
+//!
+//! One table per sandbox (`inet portcullis_<id>`) in the invoking namespace holds everything:
+//! the dynamic allow sets, the DNS redirect to the relay, the egress filter, the host-input
+//! guard and the masquerade. Deleting the table removes the sandbox's whole data plane at once.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+use portcullis_policy::Protocol;
+
+use crate::names::{
+    COUNTER_BLOCKED, GLOBAL_TABLE, IF_PREFIX, SET_ALLOW4, SET_ALLOW4_PORT, SET_ALLOW6,
+    SET_ALLOW6_PORT, SandboxId,
+};
+
+/// Maximum elements per dynamic set (the benchmark fills 1M).
+pub const SET_SIZE: u32 = 1 << 21;
+/// Blocked packets reported to userspace per second and sandbox; the counter stays exact.
+pub const LOG_RATE_PER_SECOND: u32 = 200;
+
+/// The point-to-point addressing of one sandbox's veth pair.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Addressing {
+    pub host4: Ipv4Addr,
+    pub sandbox4: Ipv4Addr,
+    pub prefix4: u8,
+    pub host6: Ipv6Addr,
+    pub sandbox6: Ipv6Addr,
+    pub prefix6: u8,
+}
+
+/// Ports the relay listens on, on the host side addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayPorts {
+    pub udp4: u16,
+    pub tcp4: u16,
+    pub udp6: u16,
+    pub tcp6: u16,
+}
+
+/// A destination allowed by address rather than by name (a CIDR rule of the policy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticAllow {
+    pub net: IpNet,
+    /// Empty: every port and protocol.
+    pub ports: Vec<(Protocol, u16)>,
+}
+
+/// Everything the ruleset of one sandbox depends on.
+#[derive(Debug, Clone)]
+pub struct SandboxRules<'a> {
+    pub id: &'a SandboxId,
+    pub addressing: &'a Addressing,
+    pub relay: RelayPorts,
+    pub statics: &'a [StaticAllow],
+    pub nflog_group: u16,
+}
+
+/// The `nft -f` script creating the sandbox's table. Adding it is one atomic transaction.
+pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
+    let table = r.id.table();
+    let ifname = r.id.host_ifname();
+    let a = r.addressing;
+    let p = r.relay;
+    let mut s = String::with_capacity(4096);
+    let _ = write!(
+        s,
+        r#"table inet {table} {{
+	set {SET_ALLOW4} {{ type ipv4_addr; flags timeout; size {SET_SIZE}; }}
+	set {SET_ALLOW6} {{ type ipv6_addr; flags timeout; size {SET_SIZE}; }}
+	set {SET_ALLOW4_PORT} {{ type ipv4_addr . inet_proto . inet_service; flags timeout; size {SET_SIZE}; }}
+	set {SET_ALLOW6_PORT} {{ type ipv6_addr . inet_proto . inet_service; flags timeout; size {SET_SIZE}; }}
+	counter {COUNTER_BLOCKED} {{ }}
+
+	# Every DNS packet of the sandbox, whatever its destination, goes to the relay.
+	chain dns_redirect {{
+		type nat hook prerouting priority dstnat; policy accept;
+		iifname "{ifname}" meta nfproto ipv4 udp dport 53 dnat ip to {h4}:{u4}
+		iifname "{ifname}" meta nfproto ipv4 tcp dport 53 dnat ip to {h4}:{t4}
+		iifname "{ifname}" meta nfproto ipv6 udp dport 53 dnat ip6 to [{h6}]:{u6}
+		iifname "{ifname}" meta nfproto ipv6 tcp dport 53 dnat ip6 to [{h6}]:{t6}
+	}}
+
+	# From the sandbox, the host accepts the relay's ports and neighbour discovery only.
+	chain host_input {{
+		type filter hook input priority filter; policy accept;
+		iifname != "{ifname}" return
+		meta nfproto ipv4 ip saddr != {s4} counter name {COUNTER_BLOCKED} drop
+		meta nfproto ipv6 ip6 saddr != {{ {s6}, fe80::/10 }} counter name {COUNTER_BLOCKED} drop
+		ct state established,related accept
+		ip daddr {h4} udp dport {u4} accept
+		ip daddr {h4} tcp dport {t4} accept
+		ip6 daddr {h6} udp dport {u6} accept
+		ip6 daddr {h6} tcp dport {t6} accept
+		icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept
+		limit rate {LOG_RATE_PER_SECOND}/second log group {g}
+		counter name {COUNTER_BLOCKED} drop
+	}}
+
+	chain forward {{
+		type filter hook forward priority filter; policy accept;
+		iifname "{ifname}" jump egress
+		oifname "{ifname}" ct state established,related accept
+		oifname "{ifname}" counter name {COUNTER_BLOCKED} drop
+	}}
+
+	# Egress: replies, then what DNS answers and CIDR rules opened; the rest is logged and dropped.
+	chain egress {{
+		ct state established,related accept
+		meta nfproto ipv4 ip saddr != {s4} counter name {COUNTER_BLOCKED} drop
+		meta nfproto ipv6 ip6 saddr != {s6} counter name {COUNTER_BLOCKED} drop
+		ip daddr @{SET_ALLOW4} accept
+		ip6 daddr @{SET_ALLOW6} accept
+		meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @{SET_ALLOW4_PORT} accept
+		meta l4proto {{ tcp, udp }} ip6 daddr . meta l4proto . th dport @{SET_ALLOW6_PORT} accept
+"#,
+        h4 = a.host4,
+        h6 = a.host6,
+        s4 = a.sandbox4,
+        s6 = a.sandbox6,
+        u4 = p.udp4,
+        t4 = p.tcp4,
+        u6 = p.udp6,
+        t6 = p.tcp6,
+        g = r.nflog_group,
+    );
+    for st in r.statics {
+        let family = match st.net {
+            IpNet::V4(_) => "ip",
+            IpNet::V6(_) => "ip6",
+        };
+        if st.ports.is_empty() {
+            let _ = writeln!(s, "\t\t{family} daddr {} accept", st.net);
+        }
+        for (proto, port) in &st.ports {
+            let _ = writeln!(s, "\t\t{family} daddr {} {proto} dport {port} accept", st.net);
+        }
+    }
+    let _ = write!(
+        s,
+        r#"		limit rate {LOG_RATE_PER_SECOND}/second log group {g}
+		counter name {COUNTER_BLOCKED} drop
+	}}
+
+	chain masquerade {{
+		type nat hook postrouting priority srcnat; policy accept;
+		oifname != "{ifname}" ip saddr {s4} masquerade
+		oifname != "{ifname}" ip6 saddr {s6} masquerade
+	}}
+}}
+"#,
+        g = r.nflog_group,
+        s4 = a.sandbox4,
+        s6 = a.sandbox6,
+    );
+    s
+}
+
+/// The shared table that keeps forwarding confined to sandbox interfaces. It exists only
+/// while Portcullis itself turned forwarding on in this namespace: traffic between the
+/// namespace's other interfaces is then dropped, as it was before.
+pub fn forward_guard_ruleset() -> String {
+    format!(
+        r#"table inet {GLOBAL_TABLE} {{
+	chain forward_guard {{
+		type filter hook forward priority filter - 1; policy accept;
+		iifname "{IF_PREFIX}*" accept
+		oifname "{IF_PREFIX}*" accept
+		drop
+	}}
+}}
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addressing() -> Addressing {
+        Addressing {
+            host4: "203.0.113.129".parse().unwrap(),
+            sandbox4: "203.0.113.130".parse().unwrap(),
+            prefix4: 30,
+            host6: "2001:db8:fffe::1".parse().unwrap(),
+            sandbox6: "2001:db8:fffe::2".parse().unwrap(),
+            prefix6: 64,
+        }
+    }
+
+    #[test]
+    fn ruleset_names_everything_after_the_sandbox() {
+        let id = SandboxId::parse("0a1b2c3d").unwrap();
+        let a = addressing();
+        let statics = [
+            StaticAllow { net: "198.51.100.0/24".parse().unwrap(), ports: vec![] },
+            StaticAllow {
+                net: "2001:db8::/48".parse().unwrap(),
+                ports: vec![(Protocol::Tcp, 443)],
+            },
+        ];
+        let text = sandbox_ruleset(&SandboxRules {
+            id: &id,
+            addressing: &a,
+            relay: RelayPorts { udp4: 1001, tcp4: 1002, udp6: 1003, tcp6: 1004 },
+            statics: &statics,
+            nflog_group: 4242,
+        });
+        assert!(text.starts_with("table inet portcullis_0a1b2c3d {"));
+        assert!(text.contains(r#"iifname "pc-0a1b2c3d-h" meta nfproto ipv4 udp dport 53 dnat ip to 203.0.113.129:1001"#));
+        assert!(text.contains("dnat ip6 to [2001:db8:fffe::1]:1004"));
+        assert!(text.contains("ip daddr 198.51.100.0/24 accept"));
+        assert!(text.contains("ip6 daddr 2001:db8::/48 tcp dport 443 accept"));
+        assert!(text.contains("log group 4242"));
+        // The egress chain ends in the logged drop: nothing after it can accept.
+        let egress = &text[text.find("chain egress").unwrap()..text.find("chain masquerade").unwrap()];
+        assert!(egress.trim_end().trim_end_matches('}').trim_end().ends_with("counter name blocked drop"));
+    }
+}

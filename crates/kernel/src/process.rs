@@ -1,0 +1,328 @@
+//! The sandboxed process chain and signal handling.
+//!
+//! `portcullis run` (multithreaded) never does namespace work in a forked child. It re-executes
+//! its own binary as a single-threaded helper (`__sandbox-init`), which:
+//!
+//! 1. unshares network, mount and PID namespaces and reports "ready" on fd 3;
+//! 2. waits on fd 4 for "go" while the parent wires the network namespace (EOF = abort);
+//! 3. makes its mounts private and bind-mounts the relay's resolv.conf, read-only, over
+//!    /etc/resolv.conf (over its target when it is a symlink);
+//! 4. forks the PID namespace's init, which mounts /proc and /sys, forks CMD, forwards
+//!    signals to it, reaps, and exits with CMD's status (128+N when killed by signal N).
+//!
+//! Every link of the chain has PR_SET_PDEATHSIG=SIGKILL: if Portcullis dies, even by SIGKILL,
+//! the helper dies, the init dies, the kernel kills the whole PID namespace, and the network
+//! namespace, its veth pair and so all egress disappear with the last process.
+//!
+//! CMD runs with an empty capability bounding set, no capabilities and no_new_privs, as the
+//! requested user (or root without capabilities), so it cannot leave or rewire its sandbox.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read as _, Write as _};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use nix::mount::{MsFlags, mount};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Gid, Pid, Uid, fork, pipe2, setgid, setgroups, setuid};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Exit code of the helper when the sandbox could not be set up before CMD started.
+pub const EXIT_SETUP_FAILED: i32 = 125;
+/// CMD was found but could not be executed.
+pub const EXIT_CANNOT_EXECUTE: i32 = 126;
+/// CMD was not found.
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+/// Signals Portcullis forwards to CMD when another process sends them.
+pub const FORWARDED: [Signal; 7] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+];
+
+/// The user and groups CMD runs as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+/// What the helper needs to start CMD.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InitSpec {
+    pub argv: Vec<String>,
+    pub user: Option<Credentials>,
+    pub resolv_conf: PathBuf,
+}
+
+/// The helper process while the parent wires its namespace.
+#[derive(Debug)]
+pub struct Helper {
+    pub child: Child,
+    ready: File,
+    go: Option<File>,
+}
+
+fn forwarded_set(with_chld: bool) -> SigSet {
+    let mut set = SigSet::empty();
+    for s in FORWARDED {
+        set.add(s);
+    }
+    if with_chld {
+        set.add(Signal::SIGCHLD);
+    }
+    set
+}
+
+/// Blocks the forwarded signals in the calling thread; call first thing in `main`, before
+/// any thread exists, so that every thread inherits the mask and only `wait_signal` sees them.
+pub fn block_forwarded_signals() -> Result<()> {
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&forwarded_set(false)), None)
+        .map_err(|e| Error::io("block signals", e.into()))
+}
+
+/// Waits for one of the forwarded signals. Returns it and whether the kernel itself sent it
+/// (a terminal's ^C reaches the whole foreground process group, CMD included, so such a
+/// signal must not be forwarded again).
+pub fn wait_signal() -> Result<(Signal, bool)> {
+    wait_in(&forwarded_set(false))
+}
+
+fn wait_in(set: &SigSet) -> Result<(Signal, bool)> {
+    loop {
+        // SAFETY: `info` is plain old data that sigwaitinfo fills; the set is a valid sigset_t.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::sigwaitinfo(set.as_ref(), &mut info) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::io("wait for signals", e));
+        }
+        if let Ok(sig) = Signal::try_from(rc) {
+            return Ok((sig, info.si_code == libc::SI_KERNEL));
+        }
+    }
+}
+
+impl Helper {
+    /// Starts `exe __sandbox-init SPEC` with the ready/go pipes on fds 3 and 4.
+    pub fn spawn(exe: &Path, spec: &InitSpec) -> Result<Helper> {
+        let json = serde_json::to_string(spec).map_err(|e| Error::Other(format!("encode init spec: {e}")))?;
+        let (ready_r, ready_w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io("create pipe", e.into()))?;
+        let (go_r, go_w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io("create pipe", e.into()))?;
+        let (rw, gr) = (ready_w.as_raw_fd(), go_r.as_raw_fd());
+        let mut cmd = Command::new(exe);
+        cmd.arg("__sandbox-init").arg(json);
+        // SAFETY: only async-signal-safe syscalls (prctl, dup2) run between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
+                    || libc::dup2(rw, 3) < 0
+                    || libc::dup2(gr, 4) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| Error::io(format!("start {}", exe.display()), e))?;
+        drop((ready_w, go_r));
+        Ok(Helper { child, ready: File::from(ready_r), go: Some(File::from(go_w)) })
+    }
+
+    /// Blocks until the helper has unshared its namespaces.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        let mut b = [0u8; 1];
+        match self.ready.read(&mut b) {
+            Ok(1) if b[0] == b'r' => Ok(()),
+            Ok(_) => Err(Error::Other("sandbox helper exited before it was ready".into())),
+            Err(e) => Err(Error::io("wait for sandbox helper", e)),
+        }
+    }
+
+    /// The helper's network namespace, for the parent to wire.
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.child.id()))
+    }
+
+    /// Lets CMD start.
+    pub fn go(&mut self) -> Result<()> {
+        let mut go = self.go.take().ok_or_else(|| Error::Other("sandbox already started".into()))?;
+        go.write_all(b"g").map_err(|e| Error::io("start sandboxed command", e))
+    }
+
+    /// Sends a signal to the helper (which forwards it to CMD).
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), sig);
+    }
+}
+
+fn die(msg: &str, code: i32) -> ! {
+    let _ = writeln!(std::io::stderr(), "portcullis: {msg}");
+    // SAFETY: _exit ends the process without running destructors; nothing needs them here.
+    unsafe { libc::_exit(code) }
+}
+
+fn status_code(status: WaitStatus) -> Option<i32> {
+    match status {
+        WaitStatus::Exited(_, code) => Some(code),
+        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
+        _ => None,
+    }
+}
+
+/// Entry point of the helper (`portcullis __sandbox-init SPEC`). Never returns.
+pub fn init_main(spec_json: &str) -> ! {
+    let spec: InitSpec = match serde_json::from_str(spec_json) {
+        Ok(s) => s,
+        Err(e) => die(&format!("bad init spec: {e}"), EXIT_SETUP_FAILED),
+    };
+    // SAFETY: fds 3 and 4 were set up by Helper::spawn and are owned by nobody else here.
+    let (mut ready, mut go) = unsafe { (File::from(OwnedFd::from_raw_fd(3)), File::from(OwnedFd::from_raw_fd(4))) };
+    let all = forwarded_set(true);
+    if sigprocmask(SigmaskHow::SIG_BLOCK, Some(&all), None).is_err() {
+        die("cannot block signals", EXIT_SETUP_FAILED);
+    }
+    if let Err(e) = unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID) {
+        die(&format!("cannot create namespaces: {e}"), EXIT_SETUP_FAILED);
+    }
+    if ready.write_all(b"r").is_err() {
+        die("parent went away", EXIT_SETUP_FAILED);
+    }
+    drop(ready);
+    let mut b = [0u8; 1];
+    if !matches!(go.read(&mut b), Ok(1) if b[0] == b'g') {
+        // The parent failed to set the sandbox up, or was stopped: it reports why.
+        // SAFETY: see die().
+        unsafe { libc::_exit(EXIT_SETUP_FAILED) }
+    }
+    drop(go);
+    if let Err(e) = setup_mounts(&spec.resolv_conf) {
+        die(&e, EXIT_SETUP_FAILED);
+    }
+    // SAFETY: this process is single-threaded (it never started a thread), so fork is sound.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => pid1(&spec, &all),
+        Ok(ForkResult::Parent { child }) => supervise(child, &all, false),
+        Err(e) => die(&format!("fork: {e}"), EXIT_SETUP_FAILED),
+    }
+}
+
+fn setup_mounts(resolv: &Path) -> std::result::Result<(), String> {
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(|e| format!("make mounts private: {e}"))?;
+    // Where /etc/resolv.conf is a symlink (systemd-resolved, resolvconf), bind over its target:
+    // the process reads through the link and sees our file; the host's copy is untouched
+    // because this mount namespace is private.
+    let target = std::fs::canonicalize("/etc/resolv.conf").map_err(|e| {
+        format!("/etc/resolv.conf cannot be resolved ({e}); the sandbox needs it to name the relay")
+    })?;
+    mount(Some(resolv), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| format!("bind {} over {}: {e}", resolv.display(), target.display()))?;
+    mount(
+        None::<&str>,
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(|e| format!("make {} read-only: {e}", target.display()))
+}
+
+/// PID 1 of the sandbox's PID namespace.
+fn pid1(spec: &InitSpec, set: &SigSet) -> ! {
+    // SAFETY: plain prctl call.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if let Err(e) = mount(Some("proc"), "/proc", Some("proc"), nosuid, None::<&str>) {
+        die(&format!("mount /proc: {e}"), EXIT_SETUP_FAILED);
+    }
+    // A fresh sysfs shows the sandbox's own network devices; not fatal where it is refused.
+    let _ = mount(Some("sysfs"), "/sys", Some("sysfs"), nosuid, None::<&str>);
+    // SAFETY: single-threaded process, see init_main.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => exec_cmd(spec),
+        Ok(ForkResult::Parent { child }) => supervise(child, set, true),
+        Err(e) => die(&format!("fork: {e}"), EXIT_SETUP_FAILED),
+    }
+}
+
+/// Forwards signals to `child` and exits with its status. As PID 1 (`reap_all`), it also
+/// reaps orphans; its exit makes the kernel kill whatever CMD left running.
+fn supervise(child: Pid, set: &SigSet, reap_all: bool) -> ! {
+    loop {
+        let (sig, from_kernel) = match wait_in(set) {
+            Ok(s) => s,
+            Err(_) => die("signal wait failed", EXIT_SETUP_FAILED),
+        };
+        if sig == Signal::SIGCHLD {
+            loop {
+                let target = if reap_all { None } else { Some(child) };
+                match waitpid(target, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) | Err(_) => break,
+                    Ok(st) if st.pid() == Some(child) => {
+                        if let Some(code) = status_code(st) {
+                            // SAFETY: see die().
+                            unsafe { libc::_exit(code) }
+                        }
+                    }
+                    Ok(_) => {}
+                }
+            }
+        } else if !from_kernel {
+            let _ = kill(child, sig);
+        }
+    }
+}
+
+fn exec_cmd(spec: &InitSpec) -> ! {
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    if let Err(e) = drop_privileges(spec.user.as_ref()) {
+        die(&format!("cannot drop privileges: {e}"), EXIT_SETUP_FAILED);
+    }
+    let argv: Vec<CString> = match spec.argv.iter().map(|a| CString::new(a.as_bytes())).collect() {
+        Ok(v) => v,
+        Err(_) => die("command contains a NUL byte", EXIT_CANNOT_EXECUTE),
+    };
+    let Some(prog) = argv.first() else { die("no command given", EXIT_CANNOT_EXECUTE) };
+    let err = nix::unistd::execvp(prog, &argv).unwrap_err();
+    let code = if err == nix::errno::Errno::ENOENT { EXIT_NOT_FOUND } else { EXIT_CANNOT_EXECUTE };
+    die(&format!("cannot run {}: {err}", spec.argv[0]), code)
+}
+
+fn drop_privileges(user: Option<&Credentials>) -> std::result::Result<(), String> {
+    use caps::CapSet;
+    for cap in caps::all() {
+        caps::drop(None, CapSet::Bounding, cap).map_err(|e| format!("drop {cap} from the bounding set: {e}"))?;
+    }
+    caps::clear(None, CapSet::Ambient).map_err(|e| format!("clear ambient capabilities: {e}"))?;
+    // SAFETY: plain prctl call.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(format!("set no_new_privs: {}", std::io::Error::last_os_error()));
+    }
+    if let Some(c) = user {
+        let groups: Vec<Gid> = c.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+        setgroups(&groups).map_err(|e| format!("setgroups: {e}"))?;
+        setgid(Gid::from_raw(c.gid)).map_err(|e| format!("setgid {}: {e}", c.gid))?;
+        setuid(Uid::from_raw(c.uid)).map_err(|e| format!("setuid {}: {e}", c.uid))?;
+    }
+    for set in [CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+        caps::clear(None, set).map_err(|e| format!("clear {set:?} capabilities: {e}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! On-disk state of the sandboxes of one network namespace, so that a run can find and remove
+//! what a killed run left behind.
+//!
+//! Layout: `<root>/lock` (global flock: allocation and last-sandbox bookkeeping),
+//! `<root>/<id>.json` (what the sandbox created), `<root>/<id>.lock` (held with flock by the
+//! owning process for its whole life: a lock that can be taken means its owner is dead, even
+//! after SIGKILL or pid reuse), `<root>/<id>.resolv.conf`, and `<root>/forwarding.json` (the
+//! forwarding values found before Portcullis turned forwarding on).
+//! The default root is `/run/portcullis/net-<inode of the invoking network namespace>`: state is
+//! per namespace because tables and links are, and /run is emptied by a reboot, as they are.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::names::SandboxId;
+use crate::nft::ruleset::Addressing;
+use crate::sysctl::Forwarding;
+use crate::{Error, Result, netns};
+
+/// What a sandbox created, written before it creates anything.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: SandboxId,
+    pub pid: u32,
+    pub addressing: Option<Addressing>,
+    pub nflog_group: Option<u16>,
+}
+
+/// The state directory of one network namespace.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+/// The global lock; released on drop.
+#[derive(Debug)]
+pub struct GlobalLock(#[allow(dead_code)] Flock<File>);
+
+/// Proof that this process owns a sandbox record; the lock is released when it drops.
+#[derive(Debug)]
+pub struct Lease {
+    #[allow(dead_code)]
+    lock: Flock<File>,
+    pub id: SandboxId,
+}
+
+impl serde::Serialize for SandboxId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+impl<'de> serde::Deserialize<'de> for SandboxId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        SandboxId::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("bad sandbox id {s:?}")))
+    }
+}
+
+impl StateDir {
+    /// `explicit`, else `$PORTCULLIS_STATE_DIR`, else the per-namespace default.
+    pub fn open(explicit: Option<PathBuf>) -> Result<Self> {
+        let root = match explicit.or_else(|| std::env::var_os("PORTCULLIS_STATE_DIR").map(PathBuf::from)) {
+            Some(p) => p,
+            None => PathBuf::from(format!("/run/portcullis/net-{}", netns::current_id()?)),
+        };
+        std::fs::create_dir_all(&root).map_err(|e| Error::io(format!("create state directory {}", root.display()), e))?;
+        Ok(StateDir { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Takes the global lock (blocking). Retries when the lock file was removed meanwhile by
+    /// the last sandbox's teardown, so two holders can never hold different inodes.
+    pub fn lock(&self) -> Result<GlobalLock> {
+        loop {
+            std::fs::create_dir_all(&self.root).map_err(|e| Error::io("create state directory", e))?;
+            let path = self.path("lock");
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+            let lock = Flock::lock(file, FlockArg::LockExclusive)
+                .map_err(|(_, e)| Error::io(format!("lock {}", path.display()), e.into()))?;
+            let same = match (lock.metadata(), std::fs::metadata(&path)) {
+                (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+                _ => false,
+            };
+            if same {
+                return Ok(GlobalLock(lock));
+            }
+        }
+    }
+
+    /// Records a new sandbox and takes its lease. Call with the global lock held.
+    pub fn create(&self, record: &SandboxRecord) -> Result<Lease> {
+        let lock_path = self.path(&format!("{}.lock", record.id));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| Error::io(format!("open {}", lock_path.display()), e))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| Error::io(format!("lock {}", lock_path.display()), e.into()))?;
+        self.update(record)?;
+        Ok(Lease { lock, id: record.id.clone() })
+    }
+
+    /// Rewrites a sandbox's record (atomically, by rename).
+    pub fn update(&self, record: &SandboxRecord) -> Result<()> {
+        let path = self.path(&format!("{}.json", record.id));
+        let tmp = self.path(&format!("{}.json.tmp", record.id));
+        let text = serde_json::to_vec_pretty(record).map_err(|e| Error::Other(format!("encode record: {e}")))?;
+        std::fs::write(&tmp, text).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("write {}", path.display()), e))
+    }
+
+    /// Path of the resolv.conf the sandbox sees.
+    pub fn resolv_conf(&self, id: &SandboxId) -> PathBuf {
+        self.path(&format!("{id}.resolv.conf"))
+    }
+
+    /// Every recorded sandbox and whether its owner is alive.
+    pub fn sandboxes(&self) -> Result<Vec<(SandboxRecord, bool)>> {
+        let mut out = Vec::new();
+        let dir = match std::fs::read_dir(&self.root) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::io(format!("read {}", self.root.display()), e)),
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")).and_then(SandboxId::parse) else {
+                continue;
+            };
+            let record = std::fs::read(entry.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<SandboxRecord>(&b).ok())
+                .unwrap_or(SandboxRecord { id: id.clone(), pid: 0, addressing: None, nflog_group: None });
+            out.push((record, self.is_alive(&id)));
+        }
+        Ok(out)
+    }
+
+    /// Whether the owner of sandbox `id` still holds its lease.
+    pub fn is_alive(&self, id: &SandboxId) -> bool {
+        let Ok(file) = OpenOptions::new().write(true).open(self.path(&format!("{id}.lock"))) else {
+            return false;
+        };
+        Flock::lock(file, FlockArg::LockExclusiveNonblock).is_err()
+    }
+
+    /// Removes a sandbox's files.
+    pub fn remove(&self, id: &SandboxId) {
+        for suffix in ["json", "json.tmp", "lock", "resolv.conf"] {
+            let _ = std::fs::remove_file(self.path(&format!("{id}.{suffix}")));
+        }
+    }
+
+    pub fn saved_forwarding(&self) -> Option<Forwarding> {
+        std::fs::read(self.path("forwarding.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())
+    }
+
+    pub fn save_forwarding(&self, f: &Forwarding) -> Result<()> {
+        let text = serde_json::to_vec(f).map_err(|e| Error::Other(format!("encode forwarding: {e}")))?;
+        std::fs::write(self.path("forwarding.json"), text).map_err(|e| Error::io("write forwarding.json", e))
+    }
+
+    pub fn forget_forwarding(&self) {
+        let _ = std::fs::remove_file(self.path("forwarding.json"));
+    }
+
+    /// Removes the directory when nothing but the lock file is left. Call with the lock held.
+    pub fn remove_if_empty(&self) {
+        let only_lock = std::fs::read_dir(&self.root)
+            .map(|d| d.flatten().all(|e| e.file_name() == "lock"))
+            .unwrap_or(false);
+        if only_lock {
+            let _ = std::fs::remove_file(self.path("lock"));
+            let _ = std::fs::remove_dir(&self.root);
+        }
+    }
+}

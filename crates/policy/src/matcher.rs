@@ -1,0 +1,320 @@
+//! `PatternSet`: many patterns matched at once. A trie keyed by labels from
+//! the top-level domain down, so a lookup costs one hash probe per label of
+//! the name, whatever the number of patterns, and allocates nothing unless
+//! the caller collects matches.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::ops::ControlFlow;
+
+use crate::name::DomainName;
+use crate::pattern::{DomainPattern, PatternKind};
+
+/// Label trie keyed by reversed labels; maps patterns to a value (rule index).
+#[derive(Debug, Clone)]
+pub struct PatternSet<V> {
+    /// `nodes[0]` is the root (the empty suffix); each node is the suffix
+    /// spelled by the labels on the path to it.
+    nodes: Vec<Node<V>>,
+    len: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Node<V> {
+    children: HashMap<Box<str>, usize, BuildHasherDefault<LabelHasher>>,
+    /// Values of the patterns whose base is this node.
+    values: Vec<(PatternKind, V)>,
+}
+
+impl<V> Default for Node<V> {
+    fn default() -> Self {
+        Self {
+            children: HashMap::default(),
+            values: Vec::new(),
+        }
+    }
+}
+
+/// A fast, unkeyed hash for labels. SipHash (std's default) would double the
+/// cost of a lookup; its flooding resistance buys nothing here, since the
+/// keys come from the policy and lookups never insert.
+#[derive(Clone, Copy, Debug, Default)]
+struct LabelHasher(u64);
+
+impl Hasher for LabelHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0; 8];
+            word.copy_from_slice(chunk);
+            self.0 = (self.0 ^ u64::from_le_bytes(word))
+                .wrapping_mul(K)
+                .rotate_left(29);
+        }
+        let mut word = [0; 8];
+        word[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        self.0 = (self.0 ^ u64::from_le_bytes(word) ^ bytes.len() as u64).wrapping_mul(K);
+    }
+
+    fn write_u8(&mut self, byte: u8) {
+        self.write(&[byte]);
+    }
+
+    fn finish(&self) -> u64 {
+        // murmur3's finalizer: hashbrown takes the bucket from the low bits
+        // and a tag from the top 7.
+        let mut h = self.0;
+        h = (h ^ (h >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h = (h ^ (h >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
+    }
+}
+
+impl<V> Default for PatternSet<V> {
+    fn default() -> Self {
+        Self {
+            nodes: vec![Node::default()],
+            len: 0,
+        }
+    }
+}
+
+impl<V: Clone> PatternSet<V> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert(&mut self, pattern: &DomainPattern, value: V) {
+        let mut node = 0;
+        for label in pattern.base().labels().rev() {
+            node = match self.nodes[node].children.get(label) {
+                Some(&child) => child,
+                None => {
+                    let child = self.nodes.len();
+                    self.nodes.push(Node::default());
+                    self.nodes[node].children.insert(label.into(), child);
+                    child
+                }
+            };
+        }
+        self.nodes[node].values.push((pattern.kind(), value));
+        self.len += 1;
+    }
+
+    /// Number of (pattern, value) pairs inserted.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every value whose pattern matches `name` (order unspecified).
+    pub fn matches(&self, name: &DomainName, out: &mut Vec<V>) {
+        self.for_each_match(name, |v| out.push(v.clone()));
+    }
+
+    /// Calls `f` with every value whose pattern matches `name`, without
+    /// cloning or allocating.
+    pub fn for_each_match<'s>(&'s self, name: &DomainName, mut f: impl FnMut(&'s V)) {
+        let _ = self.visit(name, |v| {
+            f(v);
+            ControlFlow::Continue(())
+        });
+    }
+
+    pub fn is_match(&self, name: &DomainName) -> bool {
+        self.visit(name, |_| ControlFlow::Break(())).is_break()
+    }
+
+    /// Walks the trie down `name`'s labels, handing `f` the value of every
+    /// pattern that matches; stops early when `f` breaks.
+    fn visit<'s>(
+        &'s self,
+        name: &DomainName,
+        mut f: impl FnMut(&'s V) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
+        // Labels of `name` below the current node.
+        let mut below = name.as_str().bytes().filter(|&b| b == b'.').count() + 1;
+        let mut node = &self.nodes[0];
+        for label in name.labels().rev() {
+            let Some(&child) = node.children.get(label) else {
+                break;
+            };
+            node = &self.nodes[child];
+            below -= 1;
+            for (kind, value) in &node.values {
+                let hit = match kind {
+                    PatternKind::Exact => below == 0,
+                    PatternKind::OneLabel => below == 1,
+                    PatternKind::AnyLabels => below >= 1,
+                };
+                if hit {
+                    f(value)?;
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pat(s: &str) -> DomainPattern {
+        DomainPattern::parse(s).unwrap()
+    }
+
+    fn name(s: &str) -> DomainName {
+        DomainName::parse(s).unwrap()
+    }
+
+    fn set(patterns: &[&str]) -> PatternSet<usize> {
+        let mut set = PatternSet::new();
+        for (i, p) in patterns.iter().enumerate() {
+            set.insert(&pat(p), i);
+        }
+        set
+    }
+
+    fn sorted_matches(set: &PatternSet<usize>, n: &str) -> Vec<usize> {
+        let mut out = Vec::new();
+        set.matches(&name(n), &mut out);
+        out.sort_unstable();
+        out
+    }
+
+    #[test]
+    fn matches_by_kind() {
+        let s = set(&[
+            "example.com",
+            "*.example.com",
+            "**.example.com",
+            "b.example.com",
+        ]);
+        assert_eq!(s.len(), 4);
+        assert!(!s.is_empty());
+        assert_eq!(sorted_matches(&s, "example.com"), [0]);
+        assert_eq!(sorted_matches(&s, "a.example.com"), [1, 2]);
+        assert_eq!(sorted_matches(&s, "b.example.com"), [1, 2, 3]);
+        assert_eq!(sorted_matches(&s, "a.b.example.com"), [2]);
+        assert_eq!(sorted_matches(&s, "evilexample.com"), [] as [usize; 0]);
+        assert_eq!(sorted_matches(&s, "com"), [] as [usize; 0]);
+        assert!(s.is_match(&name("x.y.z.example.com")));
+        assert!(!s.is_match(&name("example.org")));
+    }
+
+    #[test]
+    fn duplicate_patterns_keep_every_value() {
+        let s = set(&["*.a", "*.a"]);
+        assert_eq!(s.len(), 2);
+        assert_eq!(sorted_matches(&s, "x.a"), [0, 1]);
+    }
+
+    #[test]
+    fn empty_set_matches_nothing() {
+        let s = PatternSet::<u8>::default();
+        assert!(s.is_empty());
+        assert!(!s.is_match(&name("a")));
+    }
+
+    #[test]
+    fn hundred_thousand_patterns() {
+        let mut s = PatternSet::new();
+        for i in 0..100_000u32 {
+            let p = match i % 3 {
+                0 => format!("host{i}.example.com"),
+                1 => format!("*.zone{i}.example.net"),
+                _ => format!("**.svc{i}.example.org"),
+            };
+            s.insert(&pat(&p), i);
+        }
+        assert_eq!(s.len(), 100_000);
+        let mut out = Vec::new();
+        s.matches(&name("a.b.svc99998.example.org"), &mut out);
+        assert_eq!(out, [99_998]);
+        assert!(s.is_match(&name("www.zone4.example.net")));
+        assert!(!s.is_match(&name("host1.example.com")));
+    }
+
+    /// Reference semantics on label vectors, independent of the string code.
+    fn reference(kind: PatternKind, base: &[&str], name: &[&str]) -> bool {
+        let extra = name.len().wrapping_sub(base.len());
+        name.len() >= base.len()
+            && name[extra..] == *base
+            && match kind {
+                PatternKind::Exact => extra == 0,
+                PatternKind::OneLabel => extra == 1,
+                PatternKind::AnyLabels => extra >= 1,
+            }
+    }
+
+    fn labels() -> impl Strategy<Value = Vec<&'static str>> {
+        prop::collection::vec(prop::sample::select(&["a", "b", "B", "c-d"][..]), 1..5)
+    }
+
+    fn kind() -> impl Strategy<Value = PatternKind> {
+        prop::sample::select(
+            &[
+                PatternKind::Exact,
+                PatternKind::OneLabel,
+                PatternKind::AnyLabels,
+            ][..],
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn set_agrees_with_reference(
+            patterns in prop::collection::vec((kind(), labels()), 0..20),
+            names in prop::collection::vec(labels(), 1..20),
+        ) {
+            let mut set = PatternSet::new();
+            let mut texts = Vec::new();
+            for (i, (kind, base)) in patterns.iter().enumerate() {
+                let prefix = match kind {
+                    PatternKind::Exact => "",
+                    PatternKind::OneLabel => "*.",
+                    PatternKind::AnyLabels => "**.",
+                };
+                let text = format!("{prefix}{}", base.join("."));
+                let p = pat(&text);
+                prop_assert_eq!(p.to_string(), text.to_lowercase());
+                set.insert(&p, i);
+                texts.push(p);
+            }
+            for n in &names {
+                let lower: Vec<String> = n.iter().map(|l| l.to_lowercase()).collect();
+                let lower: Vec<&str> = lower.iter().map(String::as_str).collect();
+                let dn = name(&n.join("."));
+                let mut got = Vec::new();
+                set.matches(&dn, &mut got);
+                got.sort_unstable();
+                let want: Vec<usize> = patterns
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (kind, base))| {
+                        let base: Vec<String> = base.iter().map(|l| l.to_lowercase()).collect();
+                        let base: Vec<&str> = base.iter().map(String::as_str).collect();
+                        reference(*kind, &base, &lower)
+                    })
+                    .map(|(i, _)| i)
+                    .collect();
+                let linear: Vec<usize> = texts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.matches(&dn))
+                    .map(|(i, _)| i)
+                    .collect();
+                prop_assert_eq!(&got, &want, "name {}", dn);
+                prop_assert_eq!(&linear, &want, "name {}", dn);
+                prop_assert_eq!(set.is_match(&dn), !want.is_empty());
+            }
+        }
+    }
+}
