@@ -166,9 +166,27 @@ impl Helper {
         go.write_all(b"g").map_err(|e| Error::io("start sandboxed command", e))
     }
 
+    /// Waits for the helper (and so CMD) to end; returns CMD's exit code.
+    pub fn wait(&mut self) -> Result<i32> {
+        use std::os::unix::process::ExitStatusExt as _;
+        let st = self.child.wait().map_err(|e| Error::io("wait for the sandboxed command", e))?;
+        Ok(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)))
+    }
+
     /// Sends a signal to the helper (which forwards it to CMD).
     pub fn signal(&self, sig: Signal) {
         let _ = kill(Pid::from_raw(self.child.id() as i32), sig);
+    }
+}
+
+impl Drop for Helper {
+    /// A helper that was never waited for (set-up failed) is killed; its PID namespace goes
+    /// with it.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

@@ -184,17 +184,24 @@ impl Rule {
     /// an IP address / CIDR ("198.51.100.7", "2001:db8::/48"). Addresses get
     /// /32 or /128. A CIDR with host bits set is an error.
     pub fn parse_allow_arg(s: &str) -> Result<Rule, PolicyError> {
-        let target = if s.contains([':', '/']) || s.parse::<IpAddr>().is_ok() {
-            Target::Cidr(parse_cidr(s)?)
-        } else {
-            Target::Domain(DomainPattern::parse(s).map_err(PolicyProblem::from)?)
-        };
-        Ok(Rule {
+        Ok(Rule::allow_any_port(allow_target(s)?))
+    }
+
+    fn allow_any_port(target: Target) -> Rule {
+        Rule {
             action: Action::Allow,
             target,
             ports: Vec::new(),
             protocols: Vec::new(),
-        })
+        }
+    }
+}
+
+fn allow_target(s: &str) -> Result<Target, PolicyProblem> {
+    if s.contains([':', '/']) || s.parse::<IpAddr>().is_ok() {
+        Ok(Target::Cidr(parse_cidr(s)?))
+    } else {
+        Ok(Target::Domain(DomainPattern::parse(s)?))
     }
 }
 
@@ -272,11 +279,8 @@ impl Policy {
             let arg = content.trim();
             if !arg.is_empty() {
                 let start = offset + content.len() - content.trim_start().len();
-                let rule = Rule::parse_allow_arg(arg).map_err(|e| match e {
-                    PolicyError::Invalid(problem) => source.error(start..start, problem),
-                    other => other,
-                })?;
-                rules.push(rule);
+                let target = allow_target(arg).map_err(|p| source.error(start..start, p))?;
+                rules.push(Rule::allow_any_port(target));
             }
             offset += line.len();
         }

@@ -6,9 +6,10 @@
 //! uplink, the first SYN included, whether or not anything listens. Dynamic sets with a
 //! counter per element count packets by destination address, by source address, and by
 //! destination address . protocol . port for TCP and UDP. Nothing is excluded: DNS queries
-//! to .53, and the neighbour discovery and MLD packets the kernels exchange on their own
-//! (to ff02::/16 and the link addresses) are counted too, so "nothing arrived" is best
-//! asserted per address or from the sandbox's source addresses.
+//! to .53 are counted too, and so would be the kernels' own chatter, which the world keeps
+//! off the link (permanent neighbours, MLD reports done before the table exists) so that an
+//! idle uplink leaves every counter still. Still, "nothing arrived" is best asserted per
+//! address, or from the sandbox's source addresses, with [`crate::World::packets_from`].
 
 use std::net::IpAddr;
 use std::path::Path;

@@ -44,9 +44,16 @@ pub(crate) fn run(cmd: &mut Command) -> String {
     try_run(cmd).unwrap_or_else(|e| panic!("portcullis-testworld: {e}"))
 }
 
-/// The command line, for messages.
+/// The command line, for messages; arguments with spaces or newlines are quoted.
 pub(crate) fn describe(cmd: &Command) -> String {
-    let mut words = vec![cmd.get_program().to_string_lossy().into_owned()];
-    words.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
-    words.join(" ")
+    let program = std::iter::once(cmd.get_program());
+    let words = program.chain(cmd.get_args()).map(|word| {
+        let word = word.to_string_lossy();
+        if word.is_empty() || word.contains(char::is_whitespace) {
+            format!("{word:?}")
+        } else {
+            word.into_owned()
+        }
+    });
+    words.collect::<Vec<_>>().join(" ")
 }

@@ -93,7 +93,7 @@ impl World {
     /// Longest life of a world server, even if its test process hangs on.
     pub const SERVER_LIFETIME: Duration = servers::SERVER_LIFETIME;
 
-    /// Builds the world for `zone` and returns once its DNS server answers. Panics with a
+    /// Builds the world for `zone` and returns once its DNS server listens. Panics with a
     /// clear message if anything fails (what was built by then is removed again).
     pub fn new(zone: &Zone) -> World {
         crate::require_root();
@@ -127,6 +127,12 @@ impl World {
             // usable at once instead of after a second of duplicate detection.
             sysctl(ns, "net.ipv6.conf.all.accept_dad=0");
             sysctl(ns, "net.ipv6.conf.default.accept_dad=0");
+            // The kernel repeats its unsolicited MLD reports up to a second after the link
+            // comes up; 1 ms between repeats gets them all sent before the counters exist.
+            sysctl(
+                ns,
+                "net.ipv6.conf.default.mldv2_unsolicited_report_interval=1",
+            );
             ip(ns, "link set lo up");
             // Processes run with `ip netns exec` see this file as /etc/resolv.conf: the
             // machine's own resolver is never a test's upstream.
@@ -294,8 +300,7 @@ impl World {
         counters::packets_from(&self.world, ip)
     }
 
-    /// Every packet that arrived from the uplink, including the kernels' own neighbour
-    /// discovery and MLD traffic.
+    /// Every packet that arrived from the uplink, of any kind (an idle uplink sends none).
     pub fn total_packets(&self) -> u64 {
         counters::total(&self.world)
     }

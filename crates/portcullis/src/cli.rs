@@ -1,0 +1,92 @@
+//! The command line, defined once: parsing, `--help`, the man page and shell completions
+//! all come from these types.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "portcullis", version, about = "Run a process that reaches only the domains its policy allows",
+    long_about = "Portcullis runs a command in its own network namespace whose only resolver is Portcullis's DNS relay. \
+An allowed name is resolved upstream and its addresses are put in the sandbox's nftables sets, acknowledged by the kernel, \
+before the answer is released; everything else is dropped in the kernel.")]
+pub struct Cli {
+    /// More output: -v shows every DNS decision and blocked flow live, -vv debug details.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Format of Portcullis's own log lines on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Directory for run state [default: /run/portcullis/net-<netns inode>].
+    #[arg(long, global = true, env = "PORTCULLIS_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run CMD in a sandbox that reaches only what the policy allows.
+    Run(RunArgs),
+    /// Remove what killed runs left behind in this network namespace.
+    Cleanup,
+    /// Print shell completions.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DenyResponse {
+    Nxdomain,
+    Refused,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Allow a domain pattern (example.com, *.example.com, **.example.com) or an address/CIDR.
+    #[arg(long, value_name = "PATTERN|CIDR")]
+    pub allow: Vec<String>,
+    /// Allow every pattern or CIDR listed in FILE (one per line, '#' comments).
+    #[arg(long, value_name = "FILE")]
+    pub allow_file: Vec<PathBuf>,
+    /// TOML policy file (allow and deny rules, ports, protocols, CIDRs).
+    #[arg(long, value_name = "FILE")]
+    pub policy: Vec<PathBuf>,
+    /// Upstream resolver [default: the nameservers of /etc/resolv.conf].
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    pub upstream_dns: Vec<String>,
+    /// Run CMD as USER[:GROUP] [default: the sudo caller, else root without capabilities].
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
+    /// Answer for denied names.
+    #[arg(long, value_enum, default_value_t = DenyResponse::Nxdomain)]
+    pub deny_response: DenyResponse,
+    /// Set elements live at least this many seconds, whatever the TTL.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub min_ttl: u32,
+    /// Larger TTLs are lowered to this in answers, and elements live at most this long.
+    #[arg(long, default_value_t = 86_400, value_name = "SECONDS")]
+    pub max_ttl: u32,
+    /// Write the end-of-run report (denied names, blocked flows, suggested rules) as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// IPv4 pool for sandbox addresses (a /30 each).
+    #[arg(long, value_name = "CIDR", default_value = portcullis_kernel::addrpool::DEFAULT_POOL4, env = "PORTCULLIS_POOL4")]
+    pub pool4: ipnet::Ipv4Net,
+    /// IPv6 pool for sandbox addresses (a /64 each).
+    #[arg(long, value_name = "CIDR", default_value = portcullis_kernel::addrpool::DEFAULT_POOL6, env = "PORTCULLIS_POOL6")]
+    pub pool6: ipnet::Ipv6Net,
+    /// The command and its arguments.
+    #[arg(required = true, last = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}

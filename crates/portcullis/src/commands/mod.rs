@@ -1,0 +1,18 @@
+//! One module per subcommand.
+
+mod cleanup;
+mod docs;
+mod run;
+
+use crate::cli::{Cli, Command};
+use crate::exit::Failure;
+
+/// Runs the subcommand and returns the process's exit code.
+pub fn dispatch(cli: Cli) -> Result<i32, Failure> {
+    match cli.command {
+        Command::Run(args) => run::run(args, cli.state_dir, cli.verbose),
+        Command::Cleanup => cleanup::cleanup(cli.state_dir),
+        Command::Completions { shell } => docs::completions(shell),
+        Command::Man => docs::man(),
+    }
+}

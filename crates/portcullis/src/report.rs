@@ -1,0 +1,114 @@
+//! The end-of-run summary: what was denied and blocked, and the exact rules that would have
+//! let it through. Printed to stderr, and written as JSON with `--report`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use portcullis_kernel::nflog::BlockedPacket;
+use portcullis_relay::DnsReport;
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct BlockedFlow {
+    pub destination: String,
+    pub address: IpAddr,
+    pub protocol: String,
+    pub port: Option<u16>,
+    pub packets: u64,
+    /// Names whose answers held this address; empty for a hard-coded address.
+    pub names: Vec<String>,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub exit_code: i32,
+    pub denied_names: BTreeMap<String, u64>,
+    pub failed_names: BTreeMap<String, u64>,
+    pub blocked_flows: Vec<BlockedFlow>,
+    pub blocked_packets: u64,
+    pub malformed_queries: u64,
+    /// `--allow` arguments that would have let the denied names and blocked flows through.
+    pub suggested_allow: Vec<String>,
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        n => format!("proto-{n}"),
+    }
+}
+
+impl Report {
+    pub fn build(dns: &DnsReport, flows: &BTreeMap<BlockedPacket, u64>, blocked_packets: u64, exit_code: i32) -> Report {
+        let mut suggested: Vec<String> = dns.denied.keys().cloned().collect();
+        let blocked_flows: Vec<BlockedFlow> = flows
+            .iter()
+            .map(|(p, n)| {
+                let names: Vec<String> = dns.names_of.get(&p.dst).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+                let destination = match (p.dst, p.dport) {
+                    (IpAddr::V6(a), Some(port)) => format!("[{a}]:{port}/{}", proto_name(p.proto)),
+                    (a, Some(port)) => format!("{a}:{port}/{}", proto_name(p.proto)),
+                    (a, None) => format!("{a}/{}", proto_name(p.proto)),
+                };
+                let reason = if names.is_empty() {
+                    suggested.push(p.dst.to_string());
+                    "no DNS lookup: hard-coded address".to_owned()
+                } else {
+                    // The name was answered, so its rule limits ports/protocols, or its
+                    // element expired before this connection.
+                    suggested.extend(names.iter().cloned());
+                    format!("resolved from {}, but not allowed for this port, or its answer expired", names.join(", "))
+                };
+                BlockedFlow { destination, address: p.dst, protocol: proto_name(p.proto), port: p.dport, packets: *n, names, reason }
+            })
+            .collect();
+        suggested.sort();
+        suggested.dedup();
+        Report {
+            exit_code,
+            denied_names: dns.denied.clone(),
+            failed_names: dns.failed.clone(),
+            blocked_flows,
+            blocked_packets,
+            malformed_queries: dns.malformed,
+            suggested_allow: suggested,
+        }
+    }
+
+    pub fn is_clean(&self) -> bool {
+        self.denied_names.is_empty() && self.blocked_flows.is_empty() && self.failed_names.is_empty()
+    }
+
+    /// The human summary for stderr.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "portcullis: {} name(s) denied, {} flow(s) blocked ({} packet(s) dropped)",
+            self.denied_names.len(),
+            self.blocked_flows.len(),
+            self.blocked_packets
+        );
+        for (name, n) in &self.denied_names {
+            let _ = writeln!(s, "  denied   {name} ({n} quer{})", if *n == 1 { "y" } else { "ies" });
+        }
+        for (name, n) in &self.failed_names {
+            let _ = writeln!(s, "  failed   {name} ({n} SERVFAIL: upstream or set insertion failed)");
+        }
+        for f in &self.blocked_flows {
+            let _ = writeln!(s, "  blocked  {} ({} packet(s); {})", f.destination, f.packets, f.reason);
+        }
+        if !self.suggested_allow.is_empty() {
+            let _ = writeln!(s, "To allow them, add:");
+            for a in &self.suggested_allow {
+                let _ = writeln!(s, "  --allow '{a}'");
+            }
+        }
+        s
+    }
+}

@@ -1,0 +1,175 @@
+//! Setting up and tearing down one sandbox in the invoking namespace, and removing what
+//! killed runs left behind. The order matters: the record is written before anything is
+//! created (so a crash at any point leaves something `cleanup` can find), and teardown removes
+//! the nft table first (so egress ends before anything else goes) and collects every error
+//! instead of stopping at the first.
+
+use std::net::IpAddr;
+
+use anyhow::{Context as _, anyhow};
+use portcullis_kernel::addrpool;
+use portcullis_kernel::link;
+use portcullis_kernel::names::{GLOBAL_TABLE, SandboxId};
+use portcullis_kernel::nft::{apply, ruleset};
+use portcullis_kernel::state::{GlobalLock, Lease, SandboxRecord, StateDir};
+use portcullis_kernel::sysctl::Forwarding;
+
+/// Removes every leftover of dead sandboxes in this namespace; returns what it removed.
+/// Call with the global lock held.
+pub fn cleanup_stale(state: &StateDir) -> Vec<String> {
+    let mut removed = Vec::new();
+    let records = state.sandboxes().unwrap_or_default();
+    let live: Vec<SandboxId> = records.iter().filter(|(_, alive)| *alive).map(|(r, _)| r.id.clone()).collect();
+    for (rec, alive) in &records {
+        if !alive {
+            remove_objects(&rec.id, &mut removed);
+            state.remove(&rec.id);
+            removed.push(format!("state of sandbox {}", rec.id));
+        }
+    }
+    // Objects with our prefix but no live record: a crash between creation and record is
+    // impossible (the record comes first), but a state directory removed by hand is not.
+    for table in apply::list_tables().unwrap_or_default() {
+        if let Some(id) = SandboxId::from_table(&table) {
+            if !live.contains(&id) && apply::delete_table(&table).is_ok() {
+                removed.push(format!("nft table inet {table}"));
+            }
+        }
+    }
+    for name in link::link_names().unwrap_or_default() {
+        if let Some(id) = SandboxId::from_ifname(&name) {
+            if !live.contains(&id) && link::delete_link(&name).is_ok() {
+                removed.push(format!("link {name}"));
+            }
+        }
+    }
+    if live.is_empty() {
+        restore_host(state, &mut removed);
+    }
+    removed.dedup();
+    removed
+}
+
+fn remove_objects(id: &SandboxId, removed: &mut Vec<String>) {
+    if apply::delete_table(&id.table()).is_ok() {
+        removed.push(format!("nft table inet {}", id.table()));
+    }
+    for name in [id.host_ifname(), id.peer_ifname()] {
+        let _ = link::delete_link(&name);
+    }
+}
+
+/// Restores forwarding and removes the guard table when no sandbox is left. Lock held.
+fn restore_host(state: &StateDir, notes: &mut Vec<String>) {
+    if let Some(saved) = state.saved_forwarding() {
+        match saved.restore() {
+            Ok(()) => {
+                state.forget_forwarding();
+                notes.push("forwarding settings restored".into());
+            }
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
+    if apply::list_tables().unwrap_or_default().iter().any(|t| t == GLOBAL_TABLE) {
+        let _ = apply::delete_table(GLOBAL_TABLE);
+    }
+}
+
+/// Turns forwarding on if it is off, recording what it was, with the guard table confining
+/// it to sandbox interfaces. Lock held.
+fn enable_forwarding(state: &StateDir) -> anyhow::Result<()> {
+    let now = Forwarding::read()?;
+    if now.ipv4 && now.ipv6 {
+        return Ok(());
+    }
+    if state.saved_forwarding().is_none() {
+        state.save_forwarding(&now)?;
+    }
+    apply::apply(&ruleset::forward_guard_ruleset(), "create forwarding guard table")?;
+    Forwarding::enable()?;
+    Ok(())
+}
+
+/// A sandbox whose veth and record exist. Dropping it tears everything down.
+#[derive(Debug)]
+pub struct Sandbox {
+    pub id: SandboxId,
+    pub addressing: ruleset::Addressing,
+    pub state: StateDir,
+    lease: Option<Lease>,
+    torn_down: bool,
+}
+
+impl Sandbox {
+    /// Allocates addresses, records the sandbox, and wires the veth into the namespace at
+    /// `netns`. Holds the global lock throughout so concurrent runs never pick the same block.
+    pub fn create(
+        state: &StateDir,
+        id: SandboxId,
+        pool4: ipnet::Ipv4Net,
+        pool6: ipnet::Ipv6Net,
+        netns: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let lock: GlobalLock = state.lock()?;
+        for what in cleanup_stale(state) {
+            tracing::info!("removed leftover: {what}");
+        }
+        let mut in_use = link::prefixes_in_use()?;
+        for (rec, alive) in state.sandboxes()? {
+            if let (true, Some(a)) = (alive, rec.addressing) {
+                in_use.extend(addrpool::prefixes_of(&a));
+            }
+        }
+        let start = u64::from_str_radix(id.as_str(), 16).unwrap_or(0);
+        let addressing = addrpool::allocate(pool4, pool6, &in_use, start)
+            .ok_or_else(|| anyhow!("no free sandbox addresses in pools {pool4} and {pool6}"))?;
+        let mut record = SandboxRecord { id: id.clone(), pid: std::process::id(), addressing: Some(addressing.clone()), nflog_group: None };
+        let lease = state.create(&record)?;
+        let sb = Sandbox { id, addressing, state: state.clone(), lease: Some(lease), torn_down: false };
+        enable_forwarding(state)?;
+        link::setup_veth(&sb.id, &sb.addressing, netns).context("wire the sandbox network")?;
+        record.addressing = Some(sb.addressing.clone());
+        state.update(&record)?;
+        drop(lock);
+        Ok(sb)
+    }
+
+    pub fn peers(&self) -> Vec<IpAddr> {
+        vec![self.addressing.sandbox4.into(), self.addressing.sandbox6.into()]
+    }
+
+    /// Removes the table (egress ends), the link, the record; restores host settings when it
+    /// was the last sandbox. Returns every error met, not just the first.
+    pub fn teardown(&mut self) -> Vec<String> {
+        if self.torn_down {
+            return Vec::new();
+        }
+        self.torn_down = true;
+        let mut errors = Vec::new();
+        if let Err(e) = apply::delete_table(&self.id.table()) {
+            errors.push(e.to_string());
+        }
+        if let Err(e) = link::delete_link(&self.id.host_ifname()) {
+            errors.push(e.to_string());
+        }
+        let lock = self.state.lock();
+        self.state.remove(&self.id);
+        self.lease = None;
+        let others = self.state.sandboxes().map(|v| v.iter().any(|(_, alive)| *alive)).unwrap_or(true);
+        if !others {
+            let mut notes = Vec::new();
+            restore_host(&self.state, &mut notes);
+            self.state.remove_if_empty();
+        }
+        drop(lock);
+        errors
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for e in self.teardown() {
+            eprintln!("portcullis: teardown: {e}");
+        }
+    }
+}

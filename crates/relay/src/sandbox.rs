@@ -1,0 +1,220 @@
+//! One sandbox as the relay sees it: its policy, its sets, the expiry map that keeps every
+//! set element's timeout monotonic, and what it asked for (the end-of-run report).
+//!
+//! The relay is built for many sandboxes: a `SandboxCtx` per sandbox, one `RelayConfig` and
+//! one `SetWriter` shared by all.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::ResponseCode;
+use portcullis_kernel::nft::sets::{Element, ElementKey, SetWriter};
+use portcullis_policy::{Access, Decision, DomainName, Policy};
+use serde::Serialize;
+
+use crate::answer::{self, Rejection};
+use crate::upstream;
+
+/// Added to every element's timeout: a client may connect at the very end of the TTL.
+pub const GRACE: Duration = Duration::from_secs(1);
+
+/// Relay settings shared by every sandbox.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub upstreams: Vec<std::net::SocketAddr>,
+    /// NXDOMAIN (default) or REFUSED for denied names.
+    pub deny_rcode: ResponseCode,
+    /// Set elements live at least this long, whatever the TTL (default 60 s).
+    pub min_ttl: u32,
+    /// TTLs above this are lowered in the answer, and elements live at most this long.
+    pub max_ttl: u32,
+    /// Per upstream attempt.
+    pub upstream_timeout: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            upstreams: Vec::new(),
+            deny_rcode: ResponseCode::NXDomain,
+            min_ttl: 60,
+            max_ttl: 86_400,
+            upstream_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What a sandbox asked for, for the end-of-run summary and `--report`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DnsReport {
+    /// Denied names with how often they were asked.
+    pub denied: BTreeMap<String, u64>,
+    /// Allowed names with how often they were answered.
+    pub allowed: BTreeMap<String, u64>,
+    /// Allowed names whose answer failed (upstream down, set insertion failed): SERVFAIL.
+    pub failed: BTreeMap<String, u64>,
+    /// Queries that were not valid DNS (answered FORMERR/NOTIMP or dropped).
+    pub malformed: u64,
+    /// Which names' answers held each address.
+    #[serde(skip)]
+    pub names_of: HashMap<IpAddr, BTreeSet<String>>,
+}
+
+/// One sandbox, as the relay serves it.
+#[derive(Debug)]
+pub struct SandboxCtx {
+    /// The nft table holding the sandbox's sets.
+    pub table: String,
+    /// Source addresses the sandbox may query from.
+    pub peers: Vec<IpAddr>,
+    policy: Arc<Policy>,
+    writer: Arc<dyn SetWriter>,
+    expiry: Mutex<HashMap<ElementKey, Instant>>,
+    inserts: AtomicU64,
+    report: Mutex<DnsReport>,
+}
+
+fn shown(name: &hickory_proto::rr::Name) -> String {
+    let s = name.to_ascii().to_ascii_lowercase();
+    s.strip_suffix('.').map(str::to_owned).unwrap_or(s)
+}
+
+impl SandboxCtx {
+    pub fn new(table: String, peers: Vec<IpAddr>, policy: Arc<Policy>, writer: Arc<dyn SetWriter>) -> Self {
+        SandboxCtx {
+            table,
+            peers,
+            policy,
+            writer,
+            expiry: Mutex::new(HashMap::new()),
+            inserts: AtomicU64::new(0),
+            report: Mutex::new(DnsReport::default()),
+        }
+    }
+
+    /// A copy of the report so far.
+    pub fn report(&self) -> DnsReport {
+        self.report.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    fn note(&self, f: impl FnOnce(&mut DnsReport)) {
+        if let Ok(mut r) = self.report.lock() {
+            f(&mut r);
+        }
+    }
+
+    /// Answers one query from the sandbox; None means "send nothing".
+    pub async fn handle(&self, cfg: &RelayConfig, bytes: &[u8], tcp: bool) -> Option<Vec<u8>> {
+        let q = match answer::parse_query(bytes) {
+            Ok(q) => q,
+            Err(r) => {
+                self.note(|r| r.malformed += 1);
+                tracing::debug!(target: "portcullis::dns", table = %self.table, "malformed query");
+                return match r {
+                    Rejection::Drop => None,
+                    Rejection::Reply(b) => Some(b),
+                };
+            }
+        };
+        let id = q.message.metadata.id;
+        let name = shown(&q.name);
+        let decision = DomainName::from_wire_labels(q.name.iter()).map(|n| self.policy.decide(&n));
+        let access = match decision {
+            Ok(Decision::Allow(a)) => a,
+            _ => return Some(self.deny(cfg, &q, id, name)),
+        };
+        let (msg, raw) = match upstream::forward(cfg, &q, bytes, tcp).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(target: "portcullis::dns", name = %name, error = %e, "upstream failed: SERVFAIL");
+                self.note(|r| *r.failed.entry(name).or_default() += 1);
+                return Some(answer::error_reply(id, Some(&q), ResponseCode::ServFail));
+            }
+        };
+        let bound = answer::bound_addresses(&msg, &q.name);
+        // A chain through an explicitly denied name opens nothing: deny wins everywhere.
+        for link in &bound.chain {
+            if DomainName::from_wire_labels(link.iter()).is_ok_and(|n| self.policy.is_denied_explicitly(&n)) {
+                tracing::info!(target: "portcullis::dns", name = %name, via = %shown(link), "denied: CNAME into a denied name");
+                return Some(self.deny(cfg, &q, id, name));
+            }
+        }
+        if let Err(e) = self.open(cfg, &access, &bound.addrs) {
+            tracing::error!(target: "portcullis::dns", name = %name, error = %e, "set insertion failed: SERVFAIL");
+            self.note(|r| *r.failed.entry(name).or_default() += 1);
+            return Some(answer::error_reply(id, Some(&q), ResponseCode::ServFail));
+        }
+        tracing::info!(target: "portcullis::dns", name = %name, qtype = %q.qtype, addresses = bound.addrs.len(), "allowed");
+        self.note(|r| {
+            for (a, _) in &bound.addrs {
+                r.names_of.entry(*a).or_default().insert(name.clone());
+            }
+            *r.allowed.entry(name).or_default() += 1;
+        });
+        match answer::cap_ttls(&msg, cfg.max_ttl) {
+            Some(m) => m.to_vec().ok(),
+            None => Some(raw),
+        }
+    }
+
+    fn deny(&self, cfg: &RelayConfig, q: &answer::Query, id: u16, name: String) -> Vec<u8> {
+        tracing::info!(target: "portcullis::dns", name = %name, qtype = %q.qtype, "denied");
+        self.note(|r| *r.denied.entry(name).or_default() += 1);
+        answer::error_reply(id, Some(q), cfg.deny_rcode)
+    }
+
+    /// Puts the addresses into the sets (those not already live for longer), waiting for
+    /// the kernel's acknowledgement.
+    fn open(&self, cfg: &RelayConfig, access: &Access, addrs: &[(IpAddr, u32)]) -> portcullis_kernel::Result<()> {
+        if addrs.is_empty() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut elements = Vec::new();
+        {
+            let expiry = self.expiry.lock().map_err(|_| portcullis_kernel::Error::Other("expiry map poisoned".into()))?;
+            for (addr, ttl) in addrs {
+                let secs = (*ttl).clamp(cfg.min_ttl, cfg.max_ttl.max(cfg.min_ttl));
+                let timeout = Duration::from_secs(u64::from(secs)) + GRACE;
+                let keys = access_keys(access, *addr);
+                for key in keys {
+                    // Re-adding an element replaces its timeout even with a shorter one, so
+                    // only ever write when the new expiry is later than the live one.
+                    if expiry.get(&key).is_some_and(|until| *until >= now + timeout) {
+                        continue;
+                    }
+                    elements.push(Element { key, timeout });
+                }
+            }
+        }
+        if elements.is_empty() {
+            return Ok(());
+        }
+        self.writer.add(&self.table, &elements)?;
+        let mut expiry = self.expiry.lock().map_err(|_| portcullis_kernel::Error::Other("expiry map poisoned".into()))?;
+        for e in &elements {
+            let until = now + e.timeout;
+            let slot = expiry.entry(e.key).or_insert(until);
+            if *slot < until {
+                *slot = until;
+            }
+        }
+        // Forget expired entries now and then, so the map stays as large as the live sets.
+        if self.inserts.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+            expiry.retain(|_, until| *until > now);
+        }
+        Ok(())
+    }
+}
+
+/// The set keys an allowed address gets: the address itself, or one key per allowed port.
+fn access_keys(access: &Access, addr: IpAddr) -> Vec<ElementKey> {
+    if access.any_port {
+        vec![ElementKey::Addr(addr)]
+    } else {
+        access.ports.iter().map(|(proto, port)| ElementKey::AddrPort(addr, *proto, *port)).collect()
+    }
+}
