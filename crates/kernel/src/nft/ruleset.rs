@@ -144,7 +144,7 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
 		counter name {COUNTER_BLOCKED} drop
 	}}
 
-	chain masquerade {{
+	chain source_nat {{
 		type nat hook postrouting priority srcnat; policy accept;
 		oifname != "{ifname}" ip saddr {s4} masquerade
 		oifname != "{ifname}" ip6 saddr {s6} masquerade
@@ -215,7 +215,7 @@ mod tests {
         assert!(text.contains("ip6 daddr 2001:db8::/48 tcp dport 443 accept"));
         assert!(text.contains("log group 4242"));
         // The egress chain ends in the logged drop: nothing after it can accept.
-        let egress = &text[text.find("chain egress").unwrap()..text.find("chain masquerade").unwrap()];
+        let egress = &text[text.find("chain egress").unwrap()..text.find("chain source_nat").unwrap()];
         assert!(egress.trim_end().trim_end_matches('}').trim_end().ends_with("counter name blocked drop"));
     }
 }
