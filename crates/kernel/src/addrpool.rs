@@ -19,11 +19,21 @@ fn overlaps(a: &IpNet, b: &IpNet) -> bool {
 }
 
 /// Picks addressing for a sandbox; `start` spreads concurrent runs over the pool.
-pub fn allocate(pool4: Ipv4Net, pool6: Ipv6Net, in_use: &[IpNet], start: u64) -> Option<Addressing> {
+pub fn allocate(
+    pool4: Ipv4Net,
+    pool6: Ipv6Net,
+    in_use: &[IpNet],
+    start: u64,
+) -> Option<Addressing> {
     let free = |net: IpNet| !in_use.iter().any(|u| overlaps(u, &net));
-    let blocks4: Vec<Ipv4Net> = pool4.subnets(BLOCK4.max(pool4.prefix_len())).ok()?.collect();
+    let blocks4: Vec<Ipv4Net> = pool4
+        .subnets(BLOCK4.max(pool4.prefix_len()))
+        .ok()?
+        .collect();
     let n4 = blocks4.len() as u64;
-    let b4 = (0..n4).map(|i| blocks4[((start + i) % n4) as usize]).find(|b| free(IpNet::V4(*b)))?;
+    let b4 = (0..n4)
+        .map(|i| blocks4[((start + i) % n4) as usize])
+        .find(|b| free(IpNet::V4(*b)))?;
     let prefix6 = BLOCK6.max(pool6.prefix_len());
     let span = 1u128 << (prefix6 - pool6.prefix_len()).min(20);
     let b6 = (0..span)
@@ -48,8 +58,12 @@ pub fn allocate(pool4: Ipv4Net, pool6: Ipv6Net, in_use: &[IpNet], start: u64) ->
 /// The prefixes a live sandbox holds, for `allocate`'s `in_use`.
 pub fn prefixes_of(a: &Addressing) -> [IpNet; 2] {
     [
-        IpNet::new(IpAddr::V4(a.host4), a.prefix4).map(|n| n.trunc()).unwrap_or_else(|_| IpNet::from(IpAddr::V4(a.host4))),
-        IpNet::new(IpAddr::V6(a.host6), a.prefix6).map(|n| n.trunc()).unwrap_or_else(|_| IpNet::from(IpAddr::V6(a.host6))),
+        IpNet::new(IpAddr::V4(a.host4), a.prefix4)
+            .map(|n| n.trunc())
+            .unwrap_or_else(|_| IpNet::from(IpAddr::V4(a.host4))),
+        IpNet::new(IpAddr::V6(a.host6), a.prefix6)
+            .map(|n| n.trunc())
+            .unwrap_or_else(|_| IpNet::from(IpAddr::V6(a.host6))),
     ]
 }
 
@@ -61,11 +75,17 @@ mod tests {
     fn skips_blocks_in_use_and_fails_when_full() {
         let pool4: Ipv4Net = "203.0.113.128/29".parse().unwrap();
         let pool6: Ipv6Net = "2001:db8:fffe::/63".parse().unwrap();
-        let used: Vec<IpNet> = vec!["203.0.113.128/30".parse().unwrap(), "2001:db8:fffe::/64".parse().unwrap()];
+        let used: Vec<IpNet> = vec![
+            "203.0.113.128/30".parse().unwrap(),
+            "2001:db8:fffe::/64".parse().unwrap(),
+        ];
         let a = allocate(pool4, pool6, &used, 0).unwrap();
         assert_eq!(a.host4, "203.0.113.133".parse::<Ipv4Addr>().unwrap());
         assert_eq!(a.sandbox4, "203.0.113.134".parse::<Ipv4Addr>().unwrap());
-        assert_eq!(a.sandbox6, "2001:db8:fffe:1::2".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            a.sandbox6,
+            "2001:db8:fffe:1::2".parse::<Ipv6Addr>().unwrap()
+        );
         let mut used = used;
         used.extend(prefixes_of(&a));
         assert!(allocate(pool4, pool6, &used, 0).is_none());

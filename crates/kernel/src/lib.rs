@@ -44,10 +44,16 @@ pub enum Error {
 
 impl Error {
     pub fn io(what: impl Into<String>, source: io::Error) -> Self {
-        Error::Io { what: what.into(), source }
+        Error::Io {
+            what: what.into(),
+            source,
+        }
     }
     pub fn netlink(what: impl Into<String>, message: impl std::fmt::Display) -> Self {
-        Error::Netlink { what: what.into(), message: message.to_string() }
+        Error::Netlink {
+            what: what.into(),
+            message: message.to_string(),
+        }
     }
 }
 

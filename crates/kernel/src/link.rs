@@ -32,7 +32,8 @@ where
         .build()
         .map_err(|e| Error::io("start rtnetlink runtime", e))?;
     rt.block_on(async {
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| Error::io("open rtnetlink socket", e))?;
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| Error::io("open rtnetlink socket", e))?;
         let task = tokio::spawn(conn);
         let out = f(handle).await;
         task.abort();
@@ -54,12 +55,22 @@ async fn index_of(handle: &Handle, name: &str) -> Result<u32> {
         .ok_or_else(|| Error::Other(format!("{what}: no such link")))
 }
 
-async fn add_addr(handle: &Handle, index: u32, ifname: &str, addr: IpAddr, prefix: u8) -> Result<()> {
+async fn add_addr(
+    handle: &Handle,
+    index: u32,
+    ifname: &str,
+    addr: IpAddr,
+    prefix: u8,
+) -> Result<()> {
     let mut req = handle.address().add(index, addr, prefix);
     // No duplicate address detection: the link is point-to-point and ours, and a tentative
     // address could neither be bound by the relay nor used by the sandbox for a second or two.
-    req.message_mut().attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
-    req.execute().await.map_err(nl(format!("add address {addr}/{prefix} to {ifname}")))
+    req.message_mut()
+        .attributes
+        .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    req.execute()
+        .await
+        .map_err(nl(format!("add address {addr}/{prefix} to {ifname}")))
 }
 
 /// Creates the veth pair of sandbox `id`, moves its sandbox end into the namespace at
@@ -67,7 +78,8 @@ async fn add_addr(handle: &Handle, index: u32, ifname: &str, addr: IpAddr, prefi
 pub fn setup_veth(id: &SandboxId, a: &Addressing, ns_path: &Path) -> Result<()> {
     let host = id.host_ifname();
     let peer = id.peer_ifname();
-    let ns = std::fs::File::open(ns_path).map_err(|e| Error::io(format!("open {}", ns_path.display()), e))?;
+    let ns = std::fs::File::open(ns_path)
+        .map_err(|e| Error::io(format!("open {}", ns_path.display()), e))?;
     let a2 = a.clone();
     let host2 = host.clone();
     with_handle(|handle| async move {
@@ -80,7 +92,11 @@ pub fn setup_veth(id: &SandboxId, a: &Addressing, ns_path: &Path) -> Result<()> 
         let peer_index = index_of(&handle, &peer).await?;
         handle
             .link()
-            .set(LinkUnspec::new_with_index(peer_index).setns_by_fd(ns.as_raw_fd()).build())
+            .set(
+                LinkUnspec::new_with_index(peer_index)
+                    .setns_by_fd(ns.as_raw_fd())
+                    .build(),
+            )
             .execute()
             .await
             .map_err(nl(format!("move {peer} into the sandbox")))?;
@@ -107,7 +123,12 @@ pub fn setup_veth(id: &SandboxId, a: &Addressing, ns_path: &Path) -> Result<()> 
             let index = index_of(&handle, &id_peer(&host)).await?;
             handle
                 .link()
-                .set(LinkUnspec::new_with_index(index).name(SANDBOX_IFNAME.to_owned()).up().build())
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .name(SANDBOX_IFNAME.to_owned())
+                        .up()
+                        .build(),
+                )
                 .execute()
                 .await
                 .map_err(nl("rename and set up the sandbox link"))?;
@@ -115,22 +136,40 @@ pub fn setup_veth(id: &SandboxId, a: &Addressing, ns_path: &Path) -> Result<()> 
             add_addr(&handle, index, SANDBOX_IFNAME, a.sandbox6.into(), a.prefix6).await?;
             handle
                 .route()
-                .add(RouteMessageBuilder::<Ipv4Addr>::new().gateway(a.host4).output_interface(index).build())
+                .add(
+                    RouteMessageBuilder::<Ipv4Addr>::new()
+                        .gateway(a.host4)
+                        .output_interface(index)
+                        .build(),
+                )
                 .execute()
                 .await
-                .map_err(nl(format!("add default route via {} in the sandbox", a.host4)))?;
+                .map_err(nl(format!(
+                    "add default route via {} in the sandbox",
+                    a.host4
+                )))?;
             handle
                 .route()
-                .add(RouteMessageBuilder::<Ipv6Addr>::new().gateway(a.host6).output_interface(index).build())
+                .add(
+                    RouteMessageBuilder::<Ipv6Addr>::new()
+                        .gateway(a.host6)
+                        .output_interface(index)
+                        .build(),
+                )
                 .execute()
                 .await
-                .map_err(nl(format!("add default route via {} in the sandbox", a.host6)))
+                .map_err(nl(format!(
+                    "add default route via {} in the sandbox",
+                    a.host6
+                )))
         })
     })
 }
 
 fn id_peer(host: &str) -> String {
-    SandboxId::from_ifname(host).map(|id| id.peer_ifname()).unwrap_or_default()
+    SandboxId::from_ifname(host)
+        .map(|id| id.peer_ifname())
+        .unwrap_or_default()
 }
 
 /// Deletes a link by name; a link that is already gone is not an error.
@@ -153,7 +192,13 @@ pub fn delete_link(name: &str) -> Result<()> {
 pub fn link_names() -> Result<Vec<String>> {
     use netlink_packet_route::link::LinkAttribute;
     with_handle(|handle| async move {
-        let links: Vec<_> = handle.link().get().execute().try_collect().await.map_err(nl("list links"))?;
+        let links: Vec<_> = handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("list links"))?;
         Ok(links
             .into_iter()
             .filter_map(|l| {
@@ -171,18 +216,33 @@ pub fn link_names() -> Result<Vec<String>> {
 pub fn prefixes_in_use() -> Result<Vec<IpNet>> {
     with_handle(|handle| async move {
         let mut out = Vec::new();
-        let addrs: Vec<_> = handle.address().get().execute().try_collect().await.map_err(nl("list addresses"))?;
+        let addrs: Vec<_> = handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("list addresses"))?;
         for m in addrs {
             for attr in &m.attributes {
-                if let AddressAttribute::Address(ip) = attr {
-                    if let Ok(net) = IpNet::new(*ip, m.header.prefix_len) {
-                        out.push(net.trunc());
-                    }
+                if let AddressAttribute::Address(ip) = attr
+                    && let Ok(net) = IpNet::new(*ip, m.header.prefix_len)
+                {
+                    out.push(net.trunc());
                 }
             }
         }
-        for route in [RouteMessageBuilder::<Ipv4Addr>::new().build(), RouteMessageBuilder::<Ipv6Addr>::new().build()] {
-            let routes: Vec<_> = handle.route().get(route).execute().try_collect().await.map_err(nl("list routes"))?;
+        for route in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let routes: Vec<_> = handle
+                .route()
+                .get(route)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(nl("list routes"))?;
             for r in routes {
                 let len = r.header.destination_prefix_length;
                 if len == 0 {

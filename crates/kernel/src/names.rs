@@ -47,8 +47,10 @@ impl SandboxId {
 
     /// Parses an id found in a name (table, interface, state file).
     pub fn parse(s: &str) -> Option<Self> {
-        (s.len() == 8 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-            .then(|| SandboxId(s.to_owned()))
+        (s.len() == 8
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| SandboxId(s.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {

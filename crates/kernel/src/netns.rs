@@ -18,7 +18,8 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T> + Send + 'static,
 {
-    let file = File::open(ns_path).map_err(|e| Error::io(format!("open network namespace {}", ns_path.display()), e))?;
+    let file = File::open(ns_path)
+        .map_err(|e| Error::io(format!("open network namespace {}", ns_path.display()), e))?;
     let shown = ns_path.display().to_string();
     std::thread::Builder::new()
         .name("portcullis-netns".into())

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
-use netlink_packet_netfilter::nflog::{ConfigCmd, ConfigMode, ConfigNla, PacketNla, ULogMessage, config_request};
+use netlink_packet_netfilter::nflog::{
+    ConfigCmd, ConfigMode, ConfigNla, PacketNla, ULogMessage, config_request,
+};
 use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
@@ -41,7 +43,9 @@ pub fn parse_packet(p: &[u8]) -> Option<BlockedPacket> {
         _ => return None,
     };
     let dport = match proto {
-        6 | 17 => p.get(l4 + 2..l4 + 4).map(|b| u16::from_be_bytes([b[0], b[1]])),
+        6 | 17 => p
+            .get(l4 + 2..l4 + 4)
+            .map(|b| u16::from_be_bytes([b[0], b[1]])),
         _ => None,
     };
     Some(BlockedPacket { dst, proto, dport })
@@ -71,26 +75,41 @@ impl NflogGroup {
         let what = format!("bind NFLOG group {group}");
         let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|e| Error::io(&what, e))?;
         socket.bind_auto().map_err(|e| Error::io(&what, e))?;
-        socket.connect(&SocketAddr::new(0, 0)).map_err(|e| Error::io(&what, e))?;
-        for nlas in [vec![ConfigNla::Cmd(ConfigCmd::Bind)], vec![ConfigNla::Mode(ConfigMode::PACKET_MAX)]] {
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(|e| Error::io(&what, e))?;
+        for nlas in [
+            vec![ConfigNla::Cmd(ConfigCmd::Bind)],
+            vec![ConfigNla::Mode(ConfigMode::PACKET_MAX)],
+        ] {
             let msg = config_request(NetfilterProtoFamily::Unspec, group, nlas);
             let mut buf = vec![0; msg.buffer_len()];
             msg.serialize(&mut buf);
             socket.send(&buf, 0).map_err(|e| Error::io(&what, e))?;
             let mut rbuf = vec![0u8; 4096];
-            let n = socket.recv(&mut &mut rbuf[..], 0).map_err(|e| Error::io(&what, e))?;
-            let reply = NetlinkMessage::<NetfilterMessage>::deserialize(&rbuf[..n]).map_err(|e| Error::netlink(&what, e))?;
-            if let NetlinkPayload::Error(e) = reply.payload {
-                if e.code.is_some() {
-                    return Err(Error::Kernel { what, source: e.to_io() });
-                }
+            let n = socket
+                .recv(&mut &mut rbuf[..], 0)
+                .map_err(|e| Error::io(&what, e))?;
+            let reply = NetlinkMessage::<NetfilterMessage>::deserialize(&rbuf[..n])
+                .map_err(|e| Error::netlink(&what, e))?;
+            if let NetlinkPayload::Error(e) = reply.payload
+                && e.code.is_some()
+            {
+                return Err(Error::Kernel {
+                    what,
+                    source: e.to_io(),
+                });
             }
         }
         Ok(NflogGroup { socket, group })
     }
 
     /// Reads packets on a dedicated thread until `stop` is set, calling `on_packet` for each.
-    pub fn spawn_reader<F>(self, stop: Arc<AtomicBool>, mut on_packet: F) -> Result<std::thread::JoinHandle<()>>
+    pub fn spawn_reader<F>(
+        self,
+        stop: Arc<AtomicBool>,
+        mut on_packet: F,
+    ) -> Result<std::thread::JoinHandle<()>>
     where
         F: FnMut(BlockedPacket) + Send + 'static,
     {
@@ -107,7 +126,10 @@ impl NflogGroup {
                     };
                     let mut off = 0;
                     while off < n {
-                        let Ok(msg) = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[off..n]) else { break };
+                        let Ok(msg) = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[off..n])
+                        else {
+                            break;
+                        };
                         let len = msg.header.length as usize;
                         if len == 0 {
                             break;
@@ -119,10 +141,10 @@ impl NflogGroup {
                         }) = msg.payload
                         {
                             for nla in nlas {
-                                if let PacketNla::Payload(p) = nla {
-                                    if let Some(pkt) = parse_packet(&p) {
-                                        on_packet(pkt);
-                                    }
+                                if let PacketNla::Payload(p) = nla
+                                    && let Some(pkt) = parse_packet(&p)
+                                {
+                                    on_packet(pkt);
                                 }
                             }
                         }
@@ -135,7 +157,10 @@ impl NflogGroup {
 
 fn set_timeout(socket: &Socket, d: Duration) {
     use std::os::fd::AsRawFd as _;
-    let tv = libc::timeval { tv_sec: d.as_secs() as libc::time_t, tv_usec: d.subsec_micros() as libc::suseconds_t };
+    let tv = libc::timeval {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_usec: d.subsec_micros() as libc::suseconds_t,
+    };
     // SAFETY: valid socket fd and a properly initialised timeval of the size given.
     unsafe {
         libc::setsockopt(
@@ -154,11 +179,17 @@ mod tests {
 
     #[test]
     fn parses_tcp_over_ipv4_and_udp_over_ipv6() {
-        let mut v4 = vec![0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0, 203, 0, 113, 130, 198, 51, 100, 7];
+        let mut v4 = vec![
+            0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0, 203, 0, 113, 130, 198, 51, 100, 7,
+        ];
         v4.extend_from_slice(&[0x30, 0x39, 0x01, 0xbb]);
         assert_eq!(
             parse_packet(&v4),
-            Some(BlockedPacket { dst: "198.51.100.7".parse().unwrap(), proto: 6, dport: Some(443) })
+            Some(BlockedPacket {
+                dst: "198.51.100.7".parse().unwrap(),
+                proto: 6,
+                dport: Some(443)
+            })
         );
         let mut v6 = vec![0x60, 0, 0, 0, 0, 8, 17, 64];
         v6.extend_from_slice(&"2001:db8:fffe::2".parse::<Ipv6Addr>().unwrap().octets());
@@ -166,7 +197,11 @@ mod tests {
         v6.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, 8, 0, 0]);
         assert_eq!(
             parse_packet(&v6),
-            Some(BlockedPacket { dst: "2001:db8::7".parse().unwrap(), proto: 17, dport: Some(53) })
+            Some(BlockedPacket {
+                dst: "2001:db8::7".parse().unwrap(),
+                proto: 17,
+                dport: Some(53)
+            })
         );
         assert_eq!(parse_packet(&[0x45, 0]), None);
         assert_eq!(parse_packet(&[]), None);

@@ -122,9 +122,12 @@ fn wait_in(set: &SigSet) -> Result<(Signal, bool)> {
 impl Helper {
     /// Starts `exe __sandbox-init SPEC` with the ready/go pipes on fds 3 and 4.
     pub fn spawn(exe: &Path, spec: &InitSpec) -> Result<Helper> {
-        let json = serde_json::to_string(spec).map_err(|e| Error::Other(format!("encode init spec: {e}")))?;
-        let (ready_r, ready_w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io("create pipe", e.into()))?;
-        let (go_r, go_w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io("create pipe", e.into()))?;
+        let json = serde_json::to_string(spec)
+            .map_err(|e| Error::Other(format!("encode init spec: {e}")))?;
+        let (ready_r, ready_w) =
+            pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io("create pipe", e.into()))?;
+        let (go_r, go_w) =
+            pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io("create pipe", e.into()))?;
         let (rw, gr) = (ready_w.as_raw_fd(), go_r.as_raw_fd());
         let mut cmd = Command::new(exe);
         cmd.arg("__sandbox-init").arg(json);
@@ -140,9 +143,15 @@ impl Helper {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| Error::io(format!("start {}", exe.display()), e))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| Error::io(format!("start {}", exe.display()), e))?;
         drop((ready_w, go_r));
-        Ok(Helper { child, ready: File::from(ready_r), go: Some(File::from(go_w)) })
+        Ok(Helper {
+            child,
+            ready: File::from(ready_r),
+            go: Some(File::from(go_w)),
+        })
     }
 
     /// Blocks until the helper has unshared its namespaces.
@@ -150,7 +159,9 @@ impl Helper {
         let mut b = [0u8; 1];
         match self.ready.read(&mut b) {
             Ok(1) if b[0] == b'r' => Ok(()),
-            Ok(_) => Err(Error::Other("sandbox helper exited before it was ready".into())),
+            Ok(_) => Err(Error::Other(
+                "sandbox helper exited before it was ready".into(),
+            )),
             Err(e) => Err(Error::io("wait for sandbox helper", e)),
         }
     }
@@ -162,14 +173,21 @@ impl Helper {
 
     /// Lets CMD start.
     pub fn go(&mut self) -> Result<()> {
-        let mut go = self.go.take().ok_or_else(|| Error::Other("sandbox already started".into()))?;
-        go.write_all(b"g").map_err(|e| Error::io("start sandboxed command", e))
+        let mut go = self
+            .go
+            .take()
+            .ok_or_else(|| Error::Other("sandbox already started".into()))?;
+        go.write_all(b"g")
+            .map_err(|e| Error::io("start sandboxed command", e))
     }
 
     /// Waits for the helper (and so CMD) to end; returns CMD's exit code.
     pub fn wait(&mut self) -> Result<i32> {
         use std::os::unix::process::ExitStatusExt as _;
-        let st = self.child.wait().map_err(|e| Error::io("wait for the sandboxed command", e))?;
+        let st = self
+            .child
+            .wait()
+            .map_err(|e| Error::io("wait for the sandboxed command", e))?;
         Ok(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)))
     }
 
@@ -211,12 +229,19 @@ pub fn init_main(spec_json: &str) -> ! {
         Err(e) => die(&format!("bad init spec: {e}"), EXIT_SETUP_FAILED),
     };
     // SAFETY: fds 3 and 4 were set up by Helper::spawn and are owned by nobody else here.
-    let (mut ready, mut go) = unsafe { (File::from(OwnedFd::from_raw_fd(3)), File::from(OwnedFd::from_raw_fd(4))) };
+    let (mut ready, mut go) = unsafe {
+        (
+            File::from(OwnedFd::from_raw_fd(3)),
+            File::from(OwnedFd::from_raw_fd(4)),
+        )
+    };
     let all = forwarded_set(true);
     if sigprocmask(SigmaskHow::SIG_BLOCK, Some(&all), None).is_err() {
         die("cannot block signals", EXIT_SETUP_FAILED);
     }
-    if let Err(e) = unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID) {
+    if let Err(e) =
+        unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
+    {
         die(&format!("cannot create namespaces: {e}"), EXIT_SETUP_FAILED);
     }
     if ready.write_all(b"r").is_err() {
@@ -242,16 +267,28 @@ pub fn init_main(spec_json: &str) -> ! {
 }
 
 fn setup_mounts(resolv: &Path) -> std::result::Result<(), String> {
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(|e| format!("make mounts private: {e}"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("make mounts private: {e}"))?;
     // Where /etc/resolv.conf is a symlink (systemd-resolved, resolvconf), bind over its target:
     // the process reads through the link and sees our file; the host's copy is untouched
     // because this mount namespace is private.
     let target = std::fs::canonicalize("/etc/resolv.conf").map_err(|e| {
         format!("/etc/resolv.conf cannot be resolved ({e}); the sandbox needs it to name the relay")
     })?;
-    mount(Some(resolv), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .map_err(|e| format!("bind {} over {}: {e}", resolv.display(), target.display()))?;
+    mount(
+        Some(resolv),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| format!("bind {} over {}: {e}", resolv.display(), target.display()))?;
     mount(
         None::<&str>,
         &target,
@@ -313,25 +350,40 @@ fn exec_cmd(spec: &InitSpec) -> ! {
     if let Err(e) = drop_privileges(spec.user.as_ref()) {
         die(&format!("cannot drop privileges: {e}"), EXIT_SETUP_FAILED);
     }
-    let argv: Vec<CString> = match spec.argv.iter().map(|a| CString::new(a.as_bytes())).collect() {
+    let argv: Vec<CString> = match spec
+        .argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect()
+    {
         Ok(v) => v,
         Err(_) => die("command contains a NUL byte", EXIT_CANNOT_EXECUTE),
     };
-    let Some(prog) = argv.first() else { die("no command given", EXIT_CANNOT_EXECUTE) };
+    let Some(prog) = argv.first() else {
+        die("no command given", EXIT_CANNOT_EXECUTE)
+    };
     let err = nix::unistd::execvp(prog, &argv).unwrap_err();
-    let code = if err == nix::errno::Errno::ENOENT { EXIT_NOT_FOUND } else { EXIT_CANNOT_EXECUTE };
+    let code = if err == nix::errno::Errno::ENOENT {
+        EXIT_NOT_FOUND
+    } else {
+        EXIT_CANNOT_EXECUTE
+    };
     die(&format!("cannot run {}: {err}", spec.argv[0]), code)
 }
 
 fn drop_privileges(user: Option<&Credentials>) -> std::result::Result<(), String> {
     use caps::CapSet;
     for cap in caps::all() {
-        caps::drop(None, CapSet::Bounding, cap).map_err(|e| format!("drop {cap} from the bounding set: {e}"))?;
+        caps::drop(None, CapSet::Bounding, cap)
+            .map_err(|e| format!("drop {cap} from the bounding set: {e}"))?;
     }
     caps::clear(None, CapSet::Ambient).map_err(|e| format!("clear ambient capabilities: {e}"))?;
     // SAFETY: plain prctl call.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(format!("set no_new_privs: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "set no_new_privs: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     if let Some(c) = user {
         let groups: Vec<Gid> = c.groups.iter().map(|g| Gid::from_raw(*g)).collect();

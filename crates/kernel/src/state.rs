@@ -56,18 +56,22 @@ impl serde::Serialize for SandboxId {
 impl<'de> serde::Deserialize<'de> for SandboxId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        SandboxId::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("bad sandbox id {s:?}")))
+        SandboxId::parse(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("bad sandbox id {s:?}")))
     }
 }
 
 impl StateDir {
     /// `explicit`, else `$PORTCULLIS_STATE_DIR`, else the per-namespace default.
     pub fn open(explicit: Option<PathBuf>) -> Result<Self> {
-        let root = match explicit.or_else(|| std::env::var_os("PORTCULLIS_STATE_DIR").map(PathBuf::from)) {
+        let root = match explicit
+            .or_else(|| std::env::var_os("PORTCULLIS_STATE_DIR").map(PathBuf::from))
+        {
             Some(p) => p,
             None => PathBuf::from(format!("/run/portcullis/net-{}", netns::current_id()?)),
         };
-        std::fs::create_dir_all(&root).map_err(|e| Error::io(format!("create state directory {}", root.display()), e))?;
+        std::fs::create_dir_all(&root)
+            .map_err(|e| Error::io(format!("create state directory {}", root.display()), e))?;
         Ok(StateDir { root })
     }
 
@@ -83,7 +87,8 @@ impl StateDir {
     /// the last sandbox's teardown, so two holders can never hold different inodes.
     pub fn lock(&self) -> Result<GlobalLock> {
         loop {
-            std::fs::create_dir_all(&self.root).map_err(|e| Error::io("create state directory", e))?;
+            std::fs::create_dir_all(&self.root)
+                .map_err(|e| Error::io("create state directory", e))?;
             let path = self.path("lock");
             let file = OpenOptions::new()
                 .create(true)
@@ -117,14 +122,18 @@ impl StateDir {
         let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| Error::io(format!("lock {}", lock_path.display()), e.into()))?;
         self.update(record)?;
-        Ok(Lease { lock, id: record.id.clone() })
+        Ok(Lease {
+            lock,
+            id: record.id.clone(),
+        })
     }
 
     /// Rewrites a sandbox's record (atomically, by rename).
     pub fn update(&self, record: &SandboxRecord) -> Result<()> {
         let path = self.path(&format!("{}.json", record.id));
         let tmp = self.path(&format!("{}.json.tmp", record.id));
-        let text = serde_json::to_vec_pretty(record).map_err(|e| Error::Other(format!("encode record: {e}")))?;
+        let text = serde_json::to_vec_pretty(record)
+            .map_err(|e| Error::Other(format!("encode record: {e}")))?;
         std::fs::write(&tmp, text).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("write {}", path.display()), e))
     }
@@ -144,13 +153,22 @@ impl StateDir {
         };
         for entry in dir.flatten() {
             let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")).and_then(SandboxId::parse) else {
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .and_then(SandboxId::parse)
+            else {
                 continue;
             };
             let record = std::fs::read(entry.path())
                 .ok()
                 .and_then(|b| serde_json::from_slice::<SandboxRecord>(&b).ok())
-                .unwrap_or(SandboxRecord { id: id.clone(), pid: 0, addressing: None, nflog_group: None });
+                .unwrap_or(SandboxRecord {
+                    id: id.clone(),
+                    pid: 0,
+                    addressing: None,
+                    nflog_group: None,
+                });
             out.push((record, self.is_alive(&id)));
         }
         Ok(out)
@@ -158,7 +176,10 @@ impl StateDir {
 
     /// Whether the owner of sandbox `id` still holds its lease.
     pub fn is_alive(&self, id: &SandboxId) -> bool {
-        let Ok(file) = OpenOptions::new().write(true).open(self.path(&format!("{id}.lock"))) else {
+        let Ok(file) = OpenOptions::new()
+            .write(true)
+            .open(self.path(&format!("{id}.lock")))
+        else {
             return false;
         };
         Flock::lock(file, FlockArg::LockExclusiveNonblock).is_err()
@@ -172,12 +193,16 @@ impl StateDir {
     }
 
     pub fn saved_forwarding(&self) -> Option<Forwarding> {
-        std::fs::read(self.path("forwarding.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())
+        std::fs::read(self.path("forwarding.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
     }
 
     pub fn save_forwarding(&self, f: &Forwarding) -> Result<()> {
-        let text = serde_json::to_vec(f).map_err(|e| Error::Other(format!("encode forwarding: {e}")))?;
-        std::fs::write(self.path("forwarding.json"), text).map_err(|e| Error::io("write forwarding.json", e))
+        let text =
+            serde_json::to_vec(f).map_err(|e| Error::Other(format!("encode forwarding: {e}")))?;
+        std::fs::write(self.path("forwarding.json"), text)
+            .map_err(|e| Error::io("write forwarding.json", e))
     }
 
     pub fn forget_forwarding(&self) {

@@ -25,12 +25,16 @@ fn read(path: &str) -> Result<bool> {
 }
 
 fn write(path: &str, on: bool) -> Result<()> {
-    std::fs::write(path, if on { "1\n" } else { "0\n" }).map_err(|e| Error::io(format!("write {path}"), e))
+    std::fs::write(path, if on { "1\n" } else { "0\n" })
+        .map_err(|e| Error::io(format!("write {path}"), e))
 }
 
 impl Forwarding {
     pub fn read() -> Result<Self> {
-        Ok(Forwarding { ipv4: read(V4)?, ipv6: read(V6)? })
+        Ok(Forwarding {
+            ipv4: read(V4)?,
+            ipv6: read(V6)?,
+        })
     }
 
     /// Turns both on.

@@ -6,10 +6,14 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "portcullis", version, about = "Run a process that reaches only the domains its policy allows",
+#[command(
+    name = "portcullis",
+    version,
+    about = "Run a process that reaches only the domains its policy allows",
     long_about = "Portcullis runs a command in its own network namespace whose only resolver is Portcullis's DNS relay. \
 An allowed name is resolved upstream and its addresses are put in the sandbox's nftables sets, acknowledged by the kernel, \
-before the answer is released; everything else is dropped in the kernel.")]
+before the answer is released; everything else is dropped in the kernel."
+)]
 pub struct Cli {
     /// More output: -v shows every DNS decision and blocked flow live, -vv debug details.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]

@@ -36,10 +36,16 @@ pub trait WithCode<T> {
 
 impl<T, E: Into<anyhow::Error>> WithCode<T> for Result<T, E> {
     fn code(self, code: i32) -> Result<T, Failure> {
-        self.map_err(|e| Failure { code, error: e.into() })
+        self.map_err(|e| Failure {
+            code,
+            error: e.into(),
+        })
     }
 }
 
 pub fn fail(code: i32, msg: impl fmt::Display) -> Failure {
-    Failure { code, error: anyhow::anyhow!("{msg}") }
+    Failure {
+        code,
+        error: anyhow::anyhow!("{msg}"),
+    }
 }

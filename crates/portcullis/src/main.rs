@@ -18,8 +18,11 @@ fn init_logging(cli: &cli::Cli) {
         1 => "info",
         _ => "debug",
     };
-    let filter = EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         cli::LogFormat::Json => builder.json().flatten_event(true).init(),
         cli::LogFormat::Text => builder.without_time().with_target(false).init(),
@@ -29,7 +32,10 @@ fn init_logging(cli: &cli::Cli) {
 fn main() {
     let mut args = std::env::args_os();
     if args.nth(1).is_some_and(|a| a == "__sandbox-init") {
-        let spec = args.next().and_then(|s| s.into_string().ok()).unwrap_or_default();
+        let spec = args
+            .next()
+            .and_then(|s| s.into_string().ok())
+            .unwrap_or_default();
         portcullis_kernel::process::init_main(&spec);
     }
     // Before any thread exists, so that every thread inherits the mask and only the signal

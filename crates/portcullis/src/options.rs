@@ -31,7 +31,9 @@ pub fn parse_upstream(s: &str) -> anyhow::Result<SocketAddr> {
     let bare = s.trim_start_matches('[').trim_end_matches(']');
     bare.parse::<IpAddr>()
         .map(|ip| SocketAddr::new(ip, 53))
-        .map_err(|_| anyhow!("invalid upstream DNS address {s:?}: expected ADDR, ADDR:PORT or [IPV6]:PORT"))
+        .map_err(|_| {
+            anyhow!("invalid upstream DNS address {s:?}: expected ADDR, ADDR:PORT or [IPV6]:PORT")
+        })
 }
 
 /// The nameservers of a resolv.conf text.
@@ -60,7 +62,11 @@ pub fn parse_user(spec: &str) -> anyhow::Result<Credentials> {
         Err(_) => User::from_name(u).ok().flatten(),
     };
     let (uid, mut gid, name) = match (&user, u.parse::<u32>()) {
-        (Some(user), _) => (user.uid.as_raw(), user.gid.as_raw(), Some(user.name.clone())),
+        (Some(user), _) => (
+            user.uid.as_raw(),
+            user.gid.as_raw(),
+            Some(user.name.clone()),
+        ),
         (None, Ok(uid)) => (uid, uid, None),
         (None, Err(_)) => bail!("invalid --user {spec:?}: no such user {u:?}"),
     };
@@ -75,7 +81,9 @@ pub fn parse_user(spec: &str) -> anyhow::Result<Credentials> {
         };
     }
     let groups = match name.and_then(|n| std::ffi::CString::new(n).ok()) {
-        Some(cname) => getgrouplist(&cname, gid.into()).map(|v| v.iter().map(|g| g.as_raw()).collect()).unwrap_or_else(|_| vec![gid]),
+        Some(cname) => getgrouplist(&cname, gid.into())
+            .map(|v| v.iter().map(|g| g.as_raw()).collect())
+            .unwrap_or_else(|_| vec![gid]),
         None => vec![gid],
     };
     Ok(Credentials { uid, gid, groups })
@@ -86,7 +94,10 @@ fn credentials(user: Option<&str>) -> anyhow::Result<Option<Credentials>> {
     if let Some(spec) = user {
         return parse_user(spec).map(Some);
     }
-    match std::env::var("SUDO_UID").ok().and_then(|u| u.parse::<u32>().ok()) {
+    match std::env::var("SUDO_UID")
+        .ok()
+        .and_then(|u| u.parse::<u32>().ok())
+    {
         Some(0) | None => Ok(None),
         Some(uid) => {
             let mut c = parse_user(&uid.to_string())?;
@@ -106,24 +117,35 @@ impl RunOptions {
         }
         let mut policy = Policy::new(rules);
         for f in &a.allow_file {
-            let p = Policy::from_allow_list(&read(f)?, &f.display().to_string()).map_err(|e| anyhow!("{e}"))?;
+            let p = Policy::from_allow_list(&read(f)?, &f.display().to_string())
+                .map_err(|e| anyhow!("{e}"))?;
             policy = policy.merge(p);
         }
         for f in &a.policy {
-            let p = Policy::from_toml_str(&read(f)?, &f.display().to_string()).map_err(|e| anyhow!("{e}"))?;
+            let p = Policy::from_toml_str(&read(f)?, &f.display().to_string())
+                .map_err(|e| anyhow!("{e}"))?;
             policy = policy.merge(p);
         }
         let upstreams = if a.upstream_dns.is_empty() {
             let found = nameservers(&read(Path::new("/etc/resolv.conf"))?);
             if found.is_empty() {
-                bail!("no upstream DNS: /etc/resolv.conf names no usable nameserver; give --upstream-dns ADDR");
+                bail!(
+                    "no upstream DNS: /etc/resolv.conf names no usable nameserver; give --upstream-dns ADDR"
+                );
             }
             found
         } else {
-            a.upstream_dns.iter().map(|s| parse_upstream(s)).collect::<anyhow::Result<_>>()?
+            a.upstream_dns
+                .iter()
+                .map(|s| parse_upstream(s))
+                .collect::<anyhow::Result<_>>()?
         };
         if a.min_ttl > a.max_ttl {
-            bail!("--min-ttl {} is larger than --max-ttl {}", a.min_ttl, a.max_ttl);
+            bail!(
+                "--min-ttl {} is larger than --max-ttl {}",
+                a.min_ttl,
+                a.max_ttl
+            );
         }
         let relay = portcullis_relay::RelayConfig {
             upstreams,
@@ -153,16 +175,39 @@ mod tests {
 
     #[test]
     fn upstreams_parse_with_and_without_port() {
-        assert_eq!(parse_upstream("198.51.100.53").unwrap(), "198.51.100.53:53".parse().unwrap());
-        assert_eq!(parse_upstream("127.0.0.53:5353").unwrap(), "127.0.0.53:5353".parse().unwrap());
-        assert_eq!(parse_upstream("[2001:db8::53]:54").unwrap(), "[2001:db8::53]:54".parse().unwrap());
-        assert_eq!(parse_upstream("2001:db8::53").unwrap(), "[2001:db8::53]:53".parse().unwrap());
-        assert!(parse_upstream("dns.example").unwrap_err().to_string().contains("dns.example"));
+        assert_eq!(
+            parse_upstream("198.51.100.53").unwrap(),
+            "198.51.100.53:53".parse().unwrap()
+        );
+        assert_eq!(
+            parse_upstream("127.0.0.53:5353").unwrap(),
+            "127.0.0.53:5353".parse().unwrap()
+        );
+        assert_eq!(
+            parse_upstream("[2001:db8::53]:54").unwrap(),
+            "[2001:db8::53]:54".parse().unwrap()
+        );
+        assert_eq!(
+            parse_upstream("2001:db8::53").unwrap(),
+            "[2001:db8::53]:53".parse().unwrap()
+        );
+        assert!(
+            parse_upstream("dns.example")
+                .unwrap_err()
+                .to_string()
+                .contains("dns.example")
+        );
     }
 
     #[test]
     fn resolv_conf_nameservers() {
         let t = "# c\nsearch x\nnameserver 127.0.0.53\nnameserver fe80::1%eth0\nnameserver 2001:db8::1\n";
-        assert_eq!(nameservers(t), vec!["127.0.0.53:53".parse().unwrap(), "[2001:db8::1]:53".parse().unwrap()]);
+        assert_eq!(
+            nameservers(t),
+            vec![
+                "127.0.0.53:53".parse().unwrap(),
+                "[2001:db8::1]:53".parse().unwrap()
+            ]
+        );
     }
 }

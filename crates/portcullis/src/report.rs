@@ -44,12 +44,21 @@ fn proto_name(p: u8) -> String {
 }
 
 impl Report {
-    pub fn build(dns: &DnsReport, flows: &BTreeMap<BlockedPacket, u64>, blocked_packets: u64, exit_code: i32) -> Report {
+    pub fn build(
+        dns: &DnsReport,
+        flows: &BTreeMap<BlockedPacket, u64>,
+        blocked_packets: u64,
+        exit_code: i32,
+    ) -> Report {
         let mut suggested: Vec<String> = dns.denied.keys().cloned().collect();
         let blocked_flows: Vec<BlockedFlow> = flows
             .iter()
             .map(|(p, n)| {
-                let names: Vec<String> = dns.names_of.get(&p.dst).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+                let names: Vec<String> = dns
+                    .names_of
+                    .get(&p.dst)
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default();
                 let destination = match (p.dst, p.dport) {
                     (IpAddr::V6(a), Some(port)) => format!("[{a}]:{port}/{}", proto_name(p.proto)),
                     (a, Some(port)) => format!("{a}:{port}/{}", proto_name(p.proto)),
@@ -62,9 +71,20 @@ impl Report {
                     // The name was answered, so its rule limits ports/protocols, or its
                     // element expired before this connection.
                     suggested.extend(names.iter().cloned());
-                    format!("resolved from {}, but not allowed for this port, or its answer expired", names.join(", "))
+                    format!(
+                        "resolved from {}, but not allowed for this port, or its answer expired",
+                        names.join(", ")
+                    )
                 };
-                BlockedFlow { destination, address: p.dst, protocol: proto_name(p.proto), port: p.dport, packets: *n, names, reason }
+                BlockedFlow {
+                    destination,
+                    address: p.dst,
+                    protocol: proto_name(p.proto),
+                    port: p.dport,
+                    packets: *n,
+                    names,
+                    reason,
+                }
             })
             .collect();
         suggested.sort();
@@ -81,7 +101,9 @@ impl Report {
     }
 
     pub fn is_clean(&self) -> bool {
-        self.denied_names.is_empty() && self.blocked_flows.is_empty() && self.failed_names.is_empty()
+        self.denied_names.is_empty()
+            && self.blocked_flows.is_empty()
+            && self.failed_names.is_empty()
     }
 
     /// The human summary for stderr.
@@ -95,13 +117,24 @@ impl Report {
             self.blocked_packets
         );
         for (name, n) in &self.denied_names {
-            let _ = writeln!(s, "  denied   {name} ({n} quer{})", if *n == 1 { "y" } else { "ies" });
+            let _ = writeln!(
+                s,
+                "  denied   {name} ({n} quer{})",
+                if *n == 1 { "y" } else { "ies" }
+            );
         }
         for (name, n) in &self.failed_names {
-            let _ = writeln!(s, "  failed   {name} ({n} SERVFAIL: upstream or set insertion failed)");
+            let _ = writeln!(
+                s,
+                "  failed   {name} ({n} SERVFAIL: upstream or set insertion failed)"
+            );
         }
         for f in &self.blocked_flows {
-            let _ = writeln!(s, "  blocked  {} ({} packet(s); {})", f.destination, f.packets, f.reason);
+            let _ = writeln!(
+                s,
+                "  blocked  {} ({} packet(s); {})",
+                f.destination, f.packets, f.reason
+            );
         }
         if !self.suggested_allow.is_empty() {
             let _ = writeln!(s, "To allow them, add:");

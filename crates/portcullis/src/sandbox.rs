@@ -19,7 +19,11 @@ use portcullis_kernel::sysctl::Forwarding;
 pub fn cleanup_stale(state: &StateDir) -> Vec<String> {
     let mut removed = Vec::new();
     let records = state.sandboxes().unwrap_or_default();
-    let live: Vec<SandboxId> = records.iter().filter(|(_, alive)| *alive).map(|(r, _)| r.id.clone()).collect();
+    let live: Vec<SandboxId> = records
+        .iter()
+        .filter(|(_, alive)| *alive)
+        .map(|(r, _)| r.id.clone())
+        .collect();
     for (rec, alive) in &records {
         if !alive {
             remove_objects(&rec.id, &mut removed);
@@ -30,17 +34,19 @@ pub fn cleanup_stale(state: &StateDir) -> Vec<String> {
     // Objects with our prefix but no live record: a crash between creation and record is
     // impossible (the record comes first), but a state directory removed by hand is not.
     for table in apply::list_tables().unwrap_or_default() {
-        if let Some(id) = SandboxId::from_table(&table) {
-            if !live.contains(&id) && apply::delete_table(&table).is_ok() {
-                removed.push(format!("nft table inet {table}"));
-            }
+        if let Some(id) = SandboxId::from_table(&table)
+            && !live.contains(&id)
+            && apply::delete_table(&table).is_ok()
+        {
+            removed.push(format!("nft table inet {table}"));
         }
     }
     for name in link::link_names().unwrap_or_default() {
-        if let Some(id) = SandboxId::from_ifname(&name) {
-            if !live.contains(&id) && link::delete_link(&name).is_ok() {
-                removed.push(format!("link {name}"));
-            }
+        if let Some(id) = SandboxId::from_ifname(&name)
+            && !live.contains(&id)
+            && link::delete_link(&name).is_ok()
+        {
+            removed.push(format!("link {name}"));
         }
     }
     if live.is_empty() {
@@ -70,7 +76,11 @@ fn restore_host(state: &StateDir, notes: &mut Vec<String>) {
             Err(e) => tracing::error!("{e}"),
         }
     }
-    if apply::list_tables().unwrap_or_default().iter().any(|t| t == GLOBAL_TABLE) {
+    if apply::list_tables()
+        .unwrap_or_default()
+        .iter()
+        .any(|t| t == GLOBAL_TABLE)
+    {
         let _ = apply::delete_table(GLOBAL_TABLE);
     }
 }
@@ -85,7 +95,10 @@ fn enable_forwarding(state: &StateDir) -> anyhow::Result<()> {
     if state.saved_forwarding().is_none() {
         state.save_forwarding(&now)?;
     }
-    apply::apply(&ruleset::forward_guard_ruleset(), "create forwarding guard table")?;
+    apply::apply(
+        &ruleset::forward_guard_ruleset(),
+        "create forwarding guard table",
+    )?;
     Forwarding::enable()?;
     Ok(())
 }
@@ -123,9 +136,20 @@ impl Sandbox {
         let start = u64::from_str_radix(id.as_str(), 16).unwrap_or(0);
         let addressing = addrpool::allocate(pool4, pool6, &in_use, start)
             .ok_or_else(|| anyhow!("no free sandbox addresses in pools {pool4} and {pool6}"))?;
-        let mut record = SandboxRecord { id: id.clone(), pid: std::process::id(), addressing: Some(addressing.clone()), nflog_group: None };
+        let mut record = SandboxRecord {
+            id: id.clone(),
+            pid: std::process::id(),
+            addressing: Some(addressing.clone()),
+            nflog_group: None,
+        };
         let lease = state.create(&record)?;
-        let sb = Sandbox { id, addressing, state: state.clone(), lease: Some(lease), torn_down: false };
+        let sb = Sandbox {
+            id,
+            addressing,
+            state: state.clone(),
+            lease: Some(lease),
+            torn_down: false,
+        };
         enable_forwarding(state)?;
         link::setup_veth(&sb.id, &sb.addressing, netns).context("wire the sandbox network")?;
         record.addressing = Some(sb.addressing.clone());
@@ -135,7 +159,10 @@ impl Sandbox {
     }
 
     pub fn peers(&self) -> Vec<IpAddr> {
-        vec![self.addressing.sandbox4.into(), self.addressing.sandbox6.into()]
+        vec![
+            self.addressing.sandbox4.into(),
+            self.addressing.sandbox6.into(),
+        ]
     }
 
     /// Removes the table (egress ends), the link, the record; restores host settings when it
@@ -155,7 +182,11 @@ impl Sandbox {
         let lock = self.state.lock();
         self.state.remove(&self.id);
         self.lease = None;
-        let others = self.state.sandboxes().map(|v| v.iter().any(|(_, alive)| *alive)).unwrap_or(true);
+        let others = self
+            .state
+            .sandboxes()
+            .map(|v| v.iter().any(|(_, alive)| *alive))
+            .unwrap_or(true);
         if !others {
             let mut notes = Vec::new();
             restore_host(&self.state, &mut notes);

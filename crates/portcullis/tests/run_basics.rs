@@ -1,6 +1,8 @@
 //! `portcullis run` end to end in the test world: allowed names reachable, denied names never
 //! leave, hard-coded addresses blocked, the summary names it all, and nothing stays behind.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::IpAddr;
@@ -15,7 +17,11 @@ fn zone() -> Zone {
     Zone::new()
         .a("ok.test", OK4.parse::<std::net::Ipv4Addr>().unwrap(), 300)
         .aaaa("ok.test", OK6.parse::<std::net::Ipv6Addr>().unwrap(), 300)
-        .a("denied.test", "198.51.100.20".parse::<std::net::Ipv4Addr>().unwrap(), 300)
+        .a(
+            "denied.test",
+            "198.51.100.20".parse::<std::net::Ipv4Addr>().unwrap(),
+            300,
+        )
 }
 
 #[test]
@@ -26,10 +32,18 @@ fn allowed_name_is_reachable_over_ipv4_and_ipv6() {
     let out = run(
         &world,
         &["--allow", "ok.test"],
-        &["sh", "-c", "curl -4 -sS --max-time 5 http://ok.test/ && curl -6 -sS --max-time 5 http://ok.test/"],
+        &[
+            "sh",
+            "-c",
+            "curl -4 -sS --max-time 5 http://ok.test/ && curl -6 -sS --max-time 5 http://ok.test/",
+        ],
     );
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(stdout(&out).matches("hello").count(), 2, "both families reached the world");
+    assert_eq!(
+        stdout(&out).matches("hello").count(),
+        2,
+        "both families reached the world"
+    );
     assert!(world.packets_to(OK4.parse().unwrap()) > 0);
     assert!(world.packets_to(OK6.parse().unwrap()) > 0);
     assert_eq!(residue(&world), before, "run left something behind");
@@ -38,13 +52,29 @@ fn allowed_name_is_reachable_over_ipv4_and_ipv6() {
 #[test]
 fn denied_name_gets_nxdomain_and_never_reaches_the_world() {
     let world = World::new(&zone());
-    let out = run(&world, &["--allow", "ok.test"], &["dig", "+short", "+tries=1", "+time=3", "denied.test", "A"]);
+    let out = run(
+        &world,
+        &["--allow", "ok.test"],
+        &["dig", "+short", "+tries=1", "+time=3", "denied.test", "A"],
+    );
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(stdout(&out).trim(), "", "no address for a denied name");
-    let out = run(&world, &["--allow", "ok.test"], &["dig", "+tries=1", "+time=3", "sub.ok.test", "A"]);
-    assert!(stdout(&out).contains("status: NXDOMAIN"), "a subdomain of an exact name is denied");
+    let out = run(
+        &world,
+        &["--allow", "ok.test"],
+        &["dig", "+tries=1", "+time=3", "sub.ok.test", "A"],
+    );
+    assert!(
+        stdout(&out).contains("status: NXDOMAIN"),
+        "a subdomain of an exact name is denied"
+    );
     let asked: Vec<String> = world.dns_queries().into_iter().map(|(n, _)| n).collect();
-    assert!(!asked.iter().any(|n| n.contains("denied") || n.starts_with("sub.")), "world saw {asked:?}");
+    assert!(
+        !asked
+            .iter()
+            .any(|n| n.contains("denied") || n.starts_with("sub.")),
+        "world saw {asked:?}"
+    );
     assert!(stderr(&out).contains("denied   sub.ok.test"));
     assert!(stderr(&out).contains("--allow 'sub.ok.test'"));
 }
@@ -58,15 +88,36 @@ fn hard_coded_address_is_blocked_and_reported() {
     let out = run(
         &world,
         &["--allow", "ok.test", "--report", report.to_str().unwrap()],
-        &["sh", "-c", &format!("curl -sS --max-time 2 http://{HARD4}:443/; exit 3")],
+        &[
+            "sh",
+            "-c",
+            &format!("curl -sS --max-time 2 http://{HARD4}:443/; exit 3"),
+        ],
     );
-    assert_eq!(out.status.code(), Some(3), "portcullis exits with CMD's status");
-    assert_eq!(world.packets_to(hard), 0, "nothing arrived at the hard-coded address");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "portcullis exits with CMD's status"
+    );
+    assert_eq!(
+        world.packets_to(hard),
+        0,
+        "nothing arrived at the hard-coded address"
+    );
     let err = stderr(&out);
-    assert!(err.contains(&format!("{HARD4}:443/tcp")), "summary names the flow");
+    assert!(
+        err.contains(&format!("{HARD4}:443/tcp")),
+        "summary names the flow"
+    );
     assert!(err.contains("no DNS lookup: hard-coded address"));
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     let _ = std::fs::remove_file(&report);
     assert_eq!(json["blocked_flows"][0]["address"], HARD4);
-    assert!(json["suggested_allow"].as_array().unwrap().iter().any(|v| v == HARD4));
+    assert!(
+        json["suggested_allow"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == HARD4)
+    );
 }

@@ -49,21 +49,37 @@ pub fn error_reply(id: u16, question: Option<&Query>, rcode: ResponseCode) -> Ve
 
 /// Parses and validates a client's query.
 pub fn parse_query(bytes: &[u8]) -> Result<Query, Rejection> {
-    let Some(id) = raw_id(bytes) else { return Err(Rejection::Drop) };
+    let Some(id) = raw_id(bytes) else {
+        return Err(Rejection::Drop);
+    };
     // Responses sent to the relay are never answered (no reflection loops).
     if bytes[2] & 0x80 != 0 {
         return Err(Rejection::Drop);
     }
-    let message = Message::from_vec(bytes).map_err(|_| Rejection::Reply(error_reply(id, None, ResponseCode::FormErr)))?;
+    let message = Message::from_vec(bytes)
+        .map_err(|_| Rejection::Reply(error_reply(id, None, ResponseCode::FormErr)))?;
     if message.metadata.op_code != OpCode::Query {
-        return Err(Rejection::Reply(error_reply(id, None, ResponseCode::NotImp)));
+        return Err(Rejection::Reply(error_reply(
+            id,
+            None,
+            ResponseCode::NotImp,
+        )));
     }
-    if message.queries.len() != 1 || !message.answers.is_empty() || !message.authorities.is_empty() {
-        return Err(Rejection::Reply(error_reply(id, None, ResponseCode::FormErr)));
+    if message.queries.len() != 1 || !message.answers.is_empty() || !message.authorities.is_empty()
+    {
+        return Err(Rejection::Reply(error_reply(
+            id,
+            None,
+            ResponseCode::FormErr,
+        )));
     }
     let q = &message.queries[0];
     let (name, qtype) = (q.name.clone(), q.query_type);
-    Ok(Query { message, name, qtype })
+    Ok(Query {
+        message,
+        name,
+        qtype,
+    })
 }
 
 /// Addresses an answer binds to the queried name, with their TTLs, and the CNAME chain.
@@ -83,7 +99,8 @@ pub fn bound_addresses(answer: &Message, qname: &Name) -> Bound {
     let mut on_chain = vec![qname.clone()];
     for _ in 0..=MAX_CHAIN {
         let next = answer.answers.iter().find_map(|r| match &r.data {
-            RData::CNAME(c) if r.name.eq_case(&current) || r.name == current => Some(c.0.clone()),
+            // Name equality is case-insensitive, as DNS names compare.
+            RData::CNAME(c) if r.name == current => Some(c.0.clone()),
             _ => None,
         });
         match next {
@@ -96,7 +113,7 @@ pub fn bound_addresses(answer: &Message, qname: &Name) -> Bound {
         }
     }
     for r in &answer.answers {
-        if !on_chain.iter().any(|n| *n == r.name) {
+        if !on_chain.contains(&r.name) {
             continue;
         }
         match &r.data {
@@ -125,7 +142,12 @@ pub fn cap_ttls(answer: &Message, max: u32) -> Option<Message> {
         return None;
     }
     let mut m = answer.clone();
-    for r in m.answers.iter_mut().chain(m.authorities.iter_mut()).chain(m.additionals.iter_mut()) {
+    for r in m
+        .answers
+        .iter_mut()
+        .chain(m.authorities.iter_mut())
+        .chain(m.additionals.iter_mut())
+    {
         r.ttl = r.ttl.min(max);
     }
     Some(m)
@@ -153,24 +175,51 @@ mod tests {
     #[test]
     fn follows_cname_chain_and_ignores_unrelated_records() {
         let m = answer(vec![
-            Record::from_rdata(name("www.a.test."), 300, RData::CNAME(CNAME(name("edge.b.test.")))),
-            Record::from_rdata(name("edge.b.test."), 60, RData::A(A("198.51.100.7".parse().unwrap()))),
-            Record::from_rdata(name("edge.b.test."), 60, RData::AAAA(AAAA("2001:db8::7".parse().unwrap()))),
-            Record::from_rdata(name("evil.test."), 60, RData::A(A("198.51.100.66".parse().unwrap()))),
+            Record::from_rdata(
+                name("www.a.test."),
+                300,
+                RData::CNAME(CNAME(name("edge.b.test."))),
+            ),
+            Record::from_rdata(
+                name("edge.b.test."),
+                60,
+                RData::A(A("198.51.100.7".parse().unwrap())),
+            ),
+            Record::from_rdata(
+                name("edge.b.test."),
+                60,
+                RData::AAAA(AAAA("2001:db8::7".parse().unwrap())),
+            ),
+            Record::from_rdata(
+                name("evil.test."),
+                60,
+                RData::A(A("198.51.100.66".parse().unwrap())),
+            ),
         ]);
         let b = bound_addresses(&m, &name("www.a.test."));
         assert_eq!(b.chain, vec![name("edge.b.test.")]);
         assert_eq!(
             b.addrs,
-            vec![("198.51.100.7".parse().unwrap(), 60), ("2001:db8::7".parse().unwrap(), 60)]
+            vec![
+                ("198.51.100.7".parse().unwrap(), 60),
+                ("2001:db8::7".parse().unwrap(), 60)
+            ]
         );
     }
 
     #[test]
     fn cname_loop_terminates() {
         let m = answer(vec![
-            Record::from_rdata(name("www.a.test."), 300, RData::CNAME(CNAME(name("x.test.")))),
-            Record::from_rdata(name("x.test."), 300, RData::CNAME(CNAME(name("www.a.test.")))),
+            Record::from_rdata(
+                name("www.a.test."),
+                300,
+                RData::CNAME(CNAME(name("x.test."))),
+            ),
+            Record::from_rdata(
+                name("x.test."),
+                300,
+                RData::CNAME(CNAME(name("www.a.test."))),
+            ),
         ]);
         let b = bound_addresses(&m, &name("www.a.test."));
         assert_eq!(b.chain, vec![name("x.test.")]);
@@ -194,12 +243,19 @@ mod tests {
         let mut two = Message::query();
         two.add_query(HQuery::query(name("a.test."), RecordType::A));
         two.add_query(HQuery::query(name("b.test."), RecordType::A));
-        assert!(matches!(parse_query(&two.to_vec().unwrap()), Err(Rejection::Reply(_))));
+        assert!(matches!(
+            parse_query(&two.to_vec().unwrap()),
+            Err(Rejection::Reply(_))
+        ));
     }
 
     #[test]
     fn ttls_are_capped_only_when_needed() {
-        let m = answer(vec![Record::from_rdata(name("www.a.test."), 100, RData::A(A("198.51.100.7".parse().unwrap())))]);
+        let m = answer(vec![Record::from_rdata(
+            name("www.a.test."),
+            100,
+            RData::A(A("198.51.100.7".parse().unwrap())),
+        )]);
         assert!(cap_ttls(&m, 100).is_none());
         assert_eq!(cap_ttls(&m, 30).unwrap().answers[0].ttl, 30);
     }

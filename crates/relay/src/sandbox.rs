@@ -83,7 +83,12 @@ fn shown(name: &hickory_proto::rr::Name) -> String {
 }
 
 impl SandboxCtx {
-    pub fn new(table: String, peers: Vec<IpAddr>, policy: Arc<Policy>, writer: Arc<dyn SetWriter>) -> Self {
+    pub fn new(
+        table: String,
+        peers: Vec<IpAddr>,
+        policy: Arc<Policy>,
+        writer: Arc<dyn SetWriter>,
+    ) -> Self {
         SandboxCtx {
             table,
             peers,
@@ -137,7 +142,9 @@ impl SandboxCtx {
         let bound = answer::bound_addresses(&msg, &q.name);
         // A chain through an explicitly denied name opens nothing: deny wins everywhere.
         for link in &bound.chain {
-            if DomainName::from_wire_labels(link.iter()).is_ok_and(|n| self.policy.is_denied_explicitly(&n)) {
+            if DomainName::from_wire_labels(link.iter())
+                .is_ok_and(|n| self.policy.is_denied_explicitly(&n))
+            {
                 tracing::info!(target: "portcullis::dns", name = %name, via = %shown(link), "denied: CNAME into a denied name");
                 return Some(self.deny(cfg, &q, id, name));
             }
@@ -168,14 +175,22 @@ impl SandboxCtx {
 
     /// Puts the addresses into the sets (those not already live for longer), waiting for
     /// the kernel's acknowledgement.
-    fn open(&self, cfg: &RelayConfig, access: &Access, addrs: &[(IpAddr, u32)]) -> portcullis_kernel::Result<()> {
+    fn open(
+        &self,
+        cfg: &RelayConfig,
+        access: &Access,
+        addrs: &[(IpAddr, u32)],
+    ) -> portcullis_kernel::Result<()> {
         if addrs.is_empty() {
             return Ok(());
         }
         let now = Instant::now();
         let mut elements = Vec::new();
         {
-            let expiry = self.expiry.lock().map_err(|_| portcullis_kernel::Error::Other("expiry map poisoned".into()))?;
+            let expiry = self
+                .expiry
+                .lock()
+                .map_err(|_| portcullis_kernel::Error::Other("expiry map poisoned".into()))?;
             for (addr, ttl) in addrs {
                 let secs = (*ttl).clamp(cfg.min_ttl, cfg.max_ttl.max(cfg.min_ttl));
                 let timeout = Duration::from_secs(u64::from(secs)) + GRACE;
@@ -183,7 +198,10 @@ impl SandboxCtx {
                 for key in keys {
                     // Re-adding an element replaces its timeout even with a shorter one, so
                     // only ever write when the new expiry is later than the live one.
-                    if expiry.get(&key).is_some_and(|until| *until >= now + timeout) {
+                    if expiry
+                        .get(&key)
+                        .is_some_and(|until| *until >= now + timeout)
+                    {
                         continue;
                     }
                     elements.push(Element { key, timeout });
@@ -194,7 +212,10 @@ impl SandboxCtx {
             return Ok(());
         }
         self.writer.add(&self.table, &elements)?;
-        let mut expiry = self.expiry.lock().map_err(|_| portcullis_kernel::Error::Other("expiry map poisoned".into()))?;
+        let mut expiry = self
+            .expiry
+            .lock()
+            .map_err(|_| portcullis_kernel::Error::Other("expiry map poisoned".into()))?;
         for e in &elements {
             let until = now + e.timeout;
             let slot = expiry.entry(e.key).or_insert(until);
@@ -215,6 +236,10 @@ fn access_keys(access: &Access, addr: IpAddr) -> Vec<ElementKey> {
     if access.any_port {
         vec![ElementKey::Addr(addr)]
     } else {
-        access.ports.iter().map(|(proto, port)| ElementKey::AddrPort(addr, *proto, *port)).collect()
+        access
+            .ports
+            .iter()
+            .map(|(proto, port)| ElementKey::AddrPort(addr, *proto, *port))
+            .collect()
     }
 }

@@ -28,11 +28,15 @@ pub async fn serve_udp(sock: UdpSocket, ctx: Arc<SandboxCtx>, cfg: Arc<RelayConf
     let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut buf = vec![0u8; 65535];
     loop {
-        let Ok((n, peer)) = sock.recv_from(&mut buf).await else { continue };
+        let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
+            continue;
+        };
         if !peer_allowed(&ctx, peer) {
             continue;
         }
-        let Ok(permit) = limit.clone().try_acquire_owned() else { continue };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            continue;
+        };
         let data = buf[..n].to_vec();
         let (sock, ctx, cfg) = (sock.clone(), ctx.clone(), cfg.clone());
         tokio::spawn(async move {
@@ -48,21 +52,35 @@ pub async fn serve_udp(sock: UdpSocket, ctx: Arc<SandboxCtx>, cfg: Arc<RelayConf
 pub async fn serve_tcp(listener: TcpListener, ctx: Arc<SandboxCtx>, cfg: Arc<RelayConfig>) {
     let limit = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
     loop {
-        let Ok((mut stream, peer)) = listener.accept().await else { continue };
+        let Ok((mut stream, peer)) = listener.accept().await else {
+            continue;
+        };
         if !peer_allowed(&ctx, peer) {
             continue;
         }
-        let Ok(permit) = limit.clone().try_acquire_owned() else { continue };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            continue;
+        };
         let (ctx, cfg) = (ctx.clone(), cfg.clone());
         tokio::spawn(async move {
             loop {
-                let Ok(Ok(len)) = tokio::time::timeout(TCP_IDLE, stream.read_u16()).await else { break };
+                let Ok(Ok(len)) = tokio::time::timeout(TCP_IDLE, stream.read_u16()).await else {
+                    break;
+                };
                 let mut data = vec![0u8; usize::from(len)];
-                if tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut data)).await.map(|r| r.is_err()).unwrap_or(true) {
+                if tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut data))
+                    .await
+                    .map(|r| r.is_err())
+                    .unwrap_or(true)
+                {
                     break;
                 }
-                let Some(reply) = ctx.handle(&cfg, &data, true).await else { continue };
-                let Ok(rlen) = u16::try_from(reply.len()) else { break };
+                let Some(reply) = ctx.handle(&cfg, &data, true).await else {
+                    continue;
+                };
+                let Ok(rlen) = u16::try_from(reply.len()) else {
+                    break;
+                };
                 let mut out = Vec::with_capacity(reply.len() + 2);
                 out.extend_from_slice(&rlen.to_be_bytes());
                 out.extend_from_slice(&reply);

@@ -24,11 +24,20 @@ pub enum UpstreamError {
 }
 
 /// Sends `raw` to the upstreams in order and returns the first valid answer (parsed and raw).
-pub async fn forward(cfg: &RelayConfig, q: &Query, raw: &[u8], tcp: bool) -> Result<(Message, Vec<u8>), UpstreamError> {
+pub async fn forward(
+    cfg: &RelayConfig,
+    q: &Query,
+    raw: &[u8],
+    tcp: bool,
+) -> Result<(Message, Vec<u8>), UpstreamError> {
     let mut last = UpstreamError::NoUpstream;
     for up in &cfg.upstreams {
         let attempt = async {
-            if tcp { via_tcp(*up, q, raw).await } else { via_udp(*up, q, raw).await }
+            if tcp {
+                via_tcp(*up, q, raw).await
+            } else {
+                via_udp(*up, q, raw).await
+            }
         };
         match timeout(cfg.upstream_timeout, attempt).await {
             Ok(Ok(answer)) => return Ok(answer),
@@ -39,8 +48,16 @@ pub async fn forward(cfg: &RelayConfig, q: &Query, raw: &[u8], tcp: bool) -> Res
     Err(last)
 }
 
-async fn via_udp(up: SocketAddr, q: &Query, raw: &[u8]) -> Result<(Message, Vec<u8>), UpstreamError> {
-    let bind: SocketAddr = if up.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+async fn via_udp(
+    up: SocketAddr,
+    q: &Query,
+    raw: &[u8],
+) -> Result<(Message, Vec<u8>), UpstreamError> {
+    let bind: SocketAddr = if up.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
     let io = |e| UpstreamError::Io(up, e);
     let sock = UdpSocket::bind(bind).await.map_err(io)?;
     sock.connect(up).await.map_err(io)?;
@@ -50,16 +67,20 @@ async fn via_udp(up: SocketAddr, q: &Query, raw: &[u8]) -> Result<(Message, Vec<
         let n = sock.recv(&mut buf).await.map_err(io)?;
         // A connected socket only hears the upstream; anything that is not the answer to this
         // very question (a stale or forged datagram) is skipped until the timeout.
-        if let Ok(m) = Message::from_vec(&buf[..n]) {
-            if matches_query(&m, q) {
-                buf.truncate(n);
-                return Ok((m, buf));
-            }
+        if let Ok(m) = Message::from_vec(&buf[..n])
+            && matches_query(&m, q)
+        {
+            buf.truncate(n);
+            return Ok((m, buf));
         }
     }
 }
 
-async fn via_tcp(up: SocketAddr, q: &Query, raw: &[u8]) -> Result<(Message, Vec<u8>), UpstreamError> {
+async fn via_tcp(
+    up: SocketAddr,
+    q: &Query,
+    raw: &[u8],
+) -> Result<(Message, Vec<u8>), UpstreamError> {
     let io = |e| UpstreamError::Io(up, e);
     let mut s = TcpStream::connect(up).await.map_err(io)?;
     let len = u16::try_from(raw.len()).map_err(|_| UpstreamError::Garbage(up))?;

@@ -10,16 +10,24 @@ use crate::{Error, Result};
 fn nft(args: &[&str], stdin: Option<&str>, what: impl Fn() -> String) -> Result<String> {
     let mut cmd = Command::new("nft");
     cmd.args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| Error::io(what(), e))?;
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes()).map_err(|e| Error::io(what(), e))?;
+        pipe.write_all(text.as_bytes())
+            .map_err(|e| Error::io(what(), e))?;
     }
     let out = child.wait_with_output().map_err(|e| Error::io(what(), e))?;
     if !out.status.success() {
-        return Err(Error::Nft { what: what(), stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+        return Err(Error::Nft {
+            what: what(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -31,7 +39,9 @@ pub fn apply(script: &str, what: &str) -> Result<()> {
 
 /// Deletes a table of the `inet` family; a table that is already gone is not an error.
 pub fn delete_table(name: &str) -> Result<()> {
-    match nft(&["delete", "table", "inet", name], None, || format!("delete nft table inet {name}")) {
+    match nft(&["delete", "table", "inet", name], None, || {
+        format!("delete nft table inet {name}")
+    }) {
         Err(Error::Nft { stderr, .. }) if stderr.contains("No such file") => Ok(()),
         other => other.map(drop),
     }
@@ -39,7 +49,9 @@ pub fn delete_table(name: &str) -> Result<()> {
 
 /// Names of the `inet` tables present in this namespace.
 pub fn list_tables() -> Result<Vec<String>> {
-    let out = nft(&["list", "tables", "inet"], None, || "list nft tables".to_owned())?;
+    let out = nft(&["list", "tables", "inet"], None, || {
+        "list nft tables".to_owned()
+    })?;
     Ok(out
         .lines()
         .filter_map(|l| l.trim().strip_prefix("table inet "))
@@ -50,9 +62,11 @@ pub fn list_tables() -> Result<Vec<String>> {
 /// Packets counted by the sandbox's `blocked` counter.
 pub fn blocked_packets(id: &SandboxId) -> Result<u64> {
     let table = id.table();
-    let out = nft(&["list", "counter", "inet", &table, COUNTER_BLOCKED], None, || {
-        format!("read counter {COUNTER_BLOCKED} of sandbox {id}")
-    })?;
+    let out = nft(
+        &["list", "counter", "inet", &table, COUNTER_BLOCKED],
+        None,
+        || format!("read counter {COUNTER_BLOCKED} of sandbox {id}"),
+    )?;
     Ok(out
         .split_whitespace()
         .skip_while(|w| *w != "packets")

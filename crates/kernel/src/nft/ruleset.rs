@@ -135,7 +135,11 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
             let _ = writeln!(s, "\t\t{family} daddr {} accept", st.net);
         }
         for (proto, port) in &st.ports {
-            let _ = writeln!(s, "\t\t{family} daddr {} {proto} dport {port} accept", st.net);
+            let _ = writeln!(
+                s,
+                "\t\t{family} daddr {} {proto} dport {port} accept",
+                st.net
+            );
         }
     }
     let _ = write!(
@@ -195,7 +199,10 @@ mod tests {
         let id = SandboxId::parse("0a1b2c3d").unwrap();
         let a = addressing();
         let statics = [
-            StaticAllow { net: "198.51.100.0/24".parse().unwrap(), ports: vec![] },
+            StaticAllow {
+                net: "198.51.100.0/24".parse().unwrap(),
+                ports: vec![],
+            },
             StaticAllow {
                 net: "2001:db8::/48".parse().unwrap(),
                 ports: vec![(Protocol::Tcp, 443)],
@@ -204,7 +211,12 @@ mod tests {
         let text = sandbox_ruleset(&SandboxRules {
             id: &id,
             addressing: &a,
-            relay: RelayPorts { udp4: 1001, tcp4: 1002, udp6: 1003, tcp6: 1004 },
+            relay: RelayPorts {
+                udp4: 1001,
+                tcp4: 1002,
+                udp6: 1003,
+                tcp6: 1004,
+            },
             statics: &statics,
             nflog_group: 4242,
         });
@@ -215,7 +227,14 @@ mod tests {
         assert!(text.contains("ip6 daddr 2001:db8::/48 tcp dport 443 accept"));
         assert!(text.contains("log group 4242"));
         // The egress chain ends in the logged drop: nothing after it can accept.
-        let egress = &text[text.find("chain egress").unwrap()..text.find("chain source_nat").unwrap()];
-        assert!(egress.trim_end().trim_end_matches('}').trim_end().ends_with("counter name blocked drop"));
+        let egress =
+            &text[text.find("chain egress").unwrap()..text.find("chain source_nat").unwrap()];
+        assert!(
+            egress
+                .trim_end()
+                .trim_end_matches('}')
+                .trim_end()
+                .ends_with("counter name blocked drop")
+        );
     }
 }

@@ -14,9 +14,7 @@ use std::os::fd::AsRawFd as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_netfilter::nftables::{
     DataAttribute, ListAttribute, NfTablesMessage, SetElementAttribute, SetElementList,
     SetElementMessage,
@@ -117,10 +115,18 @@ impl NetlinkSetWriter {
         let what = "open netlink socket for nftables set elements";
         let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|e| Error::io(what, e))?;
         socket.bind_auto().map_err(|e| Error::io(what, e))?;
-        socket.connect(&SocketAddr::new(0, 0)).map_err(|e| Error::io(what, e))?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(|e| Error::io(what, e))?;
         socket.set_ext_ack(true).ok();
         set_recv_timeout(&socket, ACK_TIMEOUT).map_err(|e| Error::io(what, e))?;
-        Ok(NetlinkSetWriter { inner: Mutex::new(Inner { socket, seq: 1, buf: vec![0; 65536] }) })
+        Ok(NetlinkSetWriter {
+            inner: Mutex::new(Inner {
+                socket,
+                seq: 1,
+                buf: vec![0; 65536],
+            }),
+        })
     }
 }
 
@@ -140,7 +146,11 @@ fn set_recv_timeout(socket: &Socket, timeout: Duration) -> std::io::Result<()> {
             std::mem::size_of::<libc::timeval>() as libc::socklen_t,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn control(msg: ControlMessage, seq: u32) -> NetlinkMessage<NetfilterMessage> {
@@ -204,18 +214,34 @@ impl SetWriter for NetlinkSetWriter {
         if elements.is_empty() {
             return Ok(());
         }
-        let what = || format!("add {} elements to the sets of table {table}", elements.len());
-        let mut inner = self.inner.lock().map_err(|_| Error::Other(format!("{}: writer poisoned", what())))?;
+        let what = || {
+            format!(
+                "add {} elements to the sets of table {table}",
+                elements.len()
+            )
+        };
+        let mut inner = self
+            .inner
+            .lock()
+            .map_err(|_| Error::Other(format!("{}: writer poisoned", what())))?;
         let first = inner.seq;
         let (bytes, mut awaited) = encode_batch(table, elements, first);
         inner.seq = first.wrapping_add(awaited.len() as u32 + 2);
-        inner.socket.send(&bytes, 0).map_err(|e| Error::io(what(), e))?;
+        inner
+            .socket
+            .send(&bytes, 0)
+            .map_err(|e| Error::io(what(), e))?;
         let Inner { socket, buf, .. } = &mut *inner;
         let mut failure = None;
         while !awaited.is_empty() {
             let n = match socket.recv(&mut &mut buf[..], 0) {
                 Ok(n) => n,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
                     return Err(Error::Timeout { what: what() });
                 }
                 Err(e) => return Err(Error::io(what(), e)),
@@ -239,7 +265,10 @@ impl SetWriter for NetlinkSetWriter {
             }
         }
         match failure {
-            Some(source) => Err(Error::Kernel { what: what(), source }),
+            Some(source) => Err(Error::Kernel {
+                what: what(),
+                source,
+            }),
             None => Ok(()),
         }
     }
@@ -252,7 +281,6 @@ pub fn key_addr(key: &ElementKey) -> IpAddr {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,9 +288,18 @@ mod tests {
     #[test]
     fn batch_groups_elements_per_set_and_awaits_one_ack_per_set() {
         let els = [
-            Element { key: ElementKey::Addr("198.51.100.1".parse().unwrap()), timeout: Duration::from_secs(60) },
-            Element { key: ElementKey::Addr("198.51.100.2".parse().unwrap()), timeout: Duration::from_secs(60) },
-            Element { key: ElementKey::Addr("2001:db8::1".parse().unwrap()), timeout: Duration::from_secs(60) },
+            Element {
+                key: ElementKey::Addr("198.51.100.1".parse().unwrap()),
+                timeout: Duration::from_secs(60),
+            },
+            Element {
+                key: ElementKey::Addr("198.51.100.2".parse().unwrap()),
+                timeout: Duration::from_secs(60),
+            },
+            Element {
+                key: ElementKey::Addr("2001:db8::1".parse().unwrap()),
+                timeout: Duration::from_secs(60),
+            },
             Element {
                 key: ElementKey::AddrPort("198.51.100.3".parse().unwrap(), Protocol::Tcp, 443),
                 timeout: Duration::from_secs(60),
@@ -276,6 +313,9 @@ mod tests {
     #[test]
     fn port_keys_are_padded_fields() {
         let k = ElementKey::AddrPort("198.51.100.3".parse().unwrap(), Protocol::Udp, 0x1234);
-        assert_eq!(k.key_bytes(), vec![198, 51, 100, 3, 17, 0, 0, 0, 0x12, 0x34, 0, 0]);
+        assert_eq!(
+            k.key_bytes(),
+            vec![198, 51, 100, 3, 17, 0, 0, 0, 0x12, 0x34, 0, 0]
+        );
     }
 }

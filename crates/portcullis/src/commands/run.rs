@@ -15,16 +15,18 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use portcullis_kernel::names::SandboxId;
 use portcullis_kernel::nflog::{BlockedPacket, NflogGroup};
+use portcullis_kernel::nft::apply;
 use portcullis_kernel::nft::ruleset::{RelayPorts, SandboxRules, StaticAllow, sandbox_ruleset};
 use portcullis_kernel::nft::sets::{NetlinkSetWriter, SetWriter};
-use portcullis_kernel::nft::apply;
 use portcullis_kernel::process::{Helper, InitSpec, wait_signal};
 use portcullis_kernel::state::StateDir;
 use portcullis_policy::{Action, Target};
 use portcullis_relay::{SandboxCtx, server};
 
 use crate::cli::RunArgs;
-use crate::exit::{CANNOT_EXECUTE, FAILED, Failure, NO_PERMISSION, NOT_FOUND, USAGE, WithCode as _, fail};
+use crate::exit::{
+    CANNOT_EXECUTE, FAILED, Failure, NO_PERMISSION, NOT_FOUND, USAGE, WithCode as _, fail,
+};
 use crate::options::RunOptions;
 use crate::report::Report;
 use crate::sandbox::Sandbox;
@@ -33,15 +35,24 @@ use crate::sandbox::Sandbox;
 pub fn require_privileges() -> Result<(), Failure> {
     use caps::{CapSet, Capability};
     let has = |c| caps::has_cap(None, CapSet::Effective, c).unwrap_or(false);
-    let missing: Vec<&str> = [(Capability::CAP_NET_ADMIN, "CAP_NET_ADMIN"), (Capability::CAP_SYS_ADMIN, "CAP_SYS_ADMIN")]
-        .into_iter()
-        .filter(|(c, _)| !has(*c))
-        .map(|(_, n)| n)
-        .collect();
+    let missing: Vec<&str> = [
+        (Capability::CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (Capability::CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(c, _)| !has(*c))
+    .map(|(_, n)| n)
+    .collect();
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(fail(NO_PERMISSION, format!("missing privileges: {} (run portcullis as root, e.g. with sudo)", missing.join(" and "))))
+        Err(fail(
+            NO_PERMISSION,
+            format!(
+                "missing privileges: {} (run portcullis as root, e.g. with sudo)",
+                missing.join(" and ")
+            ),
+        ))
     }
 }
 
@@ -58,7 +69,8 @@ fn find_command(cmd: &str) -> Result<PathBuf, Failure> {
         })
     };
     if cmd.contains('/') {
-        return check(Path::new(cmd)).unwrap_or_else(|| Err(fail(NOT_FOUND, format!("command not found: {cmd}"))));
+        return check(Path::new(cmd))
+            .unwrap_or_else(|| Err(fail(NOT_FOUND, format!("command not found: {cmd}"))));
     }
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
     std::env::split_paths(&path)
@@ -75,20 +87,22 @@ struct Signals {
 }
 
 fn spawn_signal_thread(sig: Arc<Signals>) {
-    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
-        while let Ok((s, from_kernel)) = wait_signal() {
-            let helper = sig.helper.load(Ordering::SeqCst);
-            if !sig.started.load(Ordering::SeqCst) {
-                // Nothing runs yet: stop setting up; the main thread tears down.
-                sig.aborted.store(s as i32, Ordering::SeqCst);
-                if helper > 0 {
-                    let _ = kill(Pid::from_raw(helper), Signal::SIGKILL);
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            while let Ok((s, from_kernel)) = wait_signal() {
+                let helper = sig.helper.load(Ordering::SeqCst);
+                if !sig.started.load(Ordering::SeqCst) {
+                    // Nothing runs yet: stop setting up; the main thread tears down.
+                    sig.aborted.store(s as i32, Ordering::SeqCst);
+                    if helper > 0 {
+                        let _ = kill(Pid::from_raw(helper), Signal::SIGKILL);
+                    }
+                } else if !from_kernel && helper > 0 {
+                    let _ = kill(Pid::from_raw(helper), s);
                 }
-            } else if !from_kernel && helper > 0 {
-                let _ = kill(Pid::from_raw(helper), s);
             }
-        }
-    });
+        });
 }
 
 fn nflog_candidates(id: &SandboxId) -> impl Iterator<Item = u16> {
@@ -115,21 +129,41 @@ pub fn run(args: RunArgs, state_dir: Option<PathBuf>, _verbose: u8) -> Result<i3
 
     let id = SandboxId::random();
     let resolv_path = state.resolv_conf(&id);
-    let exe = std::fs::read_link("/proc/self/exe").context("find own executable").code(FAILED)?;
-    let spec = InitSpec { argv: opts.cmd.clone(), user: opts.user.clone(), resolv_conf: resolv_path.clone() };
+    let exe = std::fs::read_link("/proc/self/exe")
+        .context("find own executable")
+        .code(FAILED)?;
+    let spec = InitSpec {
+        argv: opts.cmd.clone(),
+        user: opts.user.clone(),
+        resolv_conf: resolv_path.clone(),
+    };
     let mut helper = Helper::spawn(&exe, &spec).code(FAILED)?;
-    signals.helper.store(helper.child.id() as i32, Ordering::SeqCst);
+    signals
+        .helper
+        .store(helper.child.id() as i32, Ordering::SeqCst);
     let aborted = |s: &Signals| -> Result<(), Failure> {
         match s.aborted.load(Ordering::SeqCst) {
             0 => Ok(()),
-            n => Err(fail(128 + n, format!("interrupted by signal {n} while setting up"))),
+            n => Err(fail(
+                128 + n,
+                format!("interrupted by signal {n} while setting up"),
+            )),
         }
     };
-    helper.wait_ready().code(FAILED).and_then(|()| aborted(&signals)).map_err(|e| {
-        aborted(&signals).err().unwrap_or(e)
-    })?;
+    helper
+        .wait_ready()
+        .code(FAILED)
+        .and_then(|()| aborted(&signals))
+        .map_err(|e| aborted(&signals).err().unwrap_or(e))?;
 
-    let mut sandbox = Sandbox::create(&state, id.clone(), opts.pool4, opts.pool6, &helper.netns_path()).code(FAILED)?;
+    let mut sandbox = Sandbox::create(
+        &state,
+        id.clone(),
+        opts.pool4,
+        opts.pool6,
+        &helper.netns_path(),
+    )
+    .code(FAILED)?;
     aborted(&signals)?;
     let a = sandbox.addressing.clone();
     let (udp4, tcp4, udp6, tcp6) = rt
@@ -143,7 +177,11 @@ pub fn run(args: RunArgs, state_dir: Option<PathBuf>, _verbose: u8) -> Result<i3
         })
         .context("bind the DNS relay")
         .code(FAILED)?;
-    let port = |r: std::io::Result<std::net::SocketAddr>| r.map(|s| s.port()).context("bind the DNS relay").code(FAILED);
+    let port = |r: std::io::Result<std::net::SocketAddr>| {
+        r.map(|s| s.port())
+            .context("bind the DNS relay")
+            .code(FAILED)
+    };
     let ports = RelayPorts {
         udp4: port(udp4.local_addr())?,
         tcp4: port(tcp4.local_addr())?,
@@ -164,13 +202,30 @@ pub fn run(args: RunArgs, state_dir: Option<PathBuf>, _verbose: u8) -> Result<i3
             Target::Domain(_) => None,
         })
         .collect();
-    let rules = sandbox_ruleset(&SandboxRules { id: &id, addressing: &a, relay: ports, statics: &statics, nflog_group: nflog.group });
+    let rules = sandbox_ruleset(&SandboxRules {
+        id: &id,
+        addressing: &a,
+        relay: ports,
+        statics: &statics,
+        nflog_group: nflog.group,
+    });
     apply::apply(&rules, &format!("create nft table {}", id.table())).code(FAILED)?;
-    std::fs::write(&resolv_path, format!("# written by portcullis: the sandbox's only resolver\nnameserver {}\nnameserver {}\n", a.host4, a.host6))
-        .with_context(|| format!("write {}", resolv_path.display()))
-        .code(FAILED)?;
+    std::fs::write(
+        &resolv_path,
+        format!(
+            "# written by portcullis: the sandbox's only resolver\nnameserver {}\nnameserver {}\n",
+            a.host4, a.host6
+        ),
+    )
+    .with_context(|| format!("write {}", resolv_path.display()))
+    .code(FAILED)?;
 
-    let ctx = Arc::new(SandboxCtx::new(id.table(), sandbox.peers(), opts.policy.clone(), writer));
+    let ctx = Arc::new(SandboxCtx::new(
+        id.table(),
+        sandbox.peers(),
+        opts.policy.clone(),
+        writer,
+    ));
     let cfg = Arc::new(opts.relay.clone());
     rt.spawn(server::serve_udp(udp4, ctx.clone(), cfg.clone()));
     rt.spawn(server::serve_tcp(tcp4, ctx.clone(), cfg.clone()));
@@ -211,15 +266,29 @@ pub fn run(args: RunArgs, state_dir: Option<PathBuf>, _verbose: u8) -> Result<i3
         eprint!("{}", report.text());
     }
     if let Some(path) = &opts.report {
-        let json = serde_json::to_vec_pretty(&report).context("encode report").code(FAILED)?;
-        std::fs::write(path, json).with_context(|| format!("write report {}", path.display())).code(FAILED)?;
+        let json = serde_json::to_vec_pretty(&report)
+            .context("encode report")
+            .code(FAILED)?;
+        std::fs::write(path, json)
+            .with_context(|| format!("write report {}", path.display()))
+            .code(FAILED)?;
     }
     Ok(code)
 }
 
 /// The (protocol, port) pairs a CIDR rule allows; empty means everything.
-fn cidr_ports(ports: &[u16], protocols: &[portcullis_policy::Protocol]) -> Vec<(portcullis_policy::Protocol, u16)> {
+fn cidr_ports(
+    ports: &[u16],
+    protocols: &[portcullis_policy::Protocol],
+) -> Vec<(portcullis_policy::Protocol, u16)> {
     use portcullis_policy::Protocol;
-    let protos: Vec<Protocol> = if protocols.is_empty() { vec![Protocol::Tcp, Protocol::Udp] } else { protocols.to_vec() };
-    ports.iter().flat_map(|p| protos.iter().map(move |pr| (*pr, *p))).collect()
+    let protos: Vec<Protocol> = if protocols.is_empty() {
+        vec![Protocol::Tcp, Protocol::Udp]
+    } else {
+        protocols.to_vec()
+    };
+    ports
+        .iter()
+        .flat_map(|p| protos.iter().map(move |pr| (*pr, *p)))
+        .collect()
 }

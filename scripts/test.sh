@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian 12 machine, as root. Installs what it needs.
+# Namespace tests need root: they fail (never skip) without it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "scripts/test.sh: the test suite needs root (network namespaces, nftables)" >&2
+  exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends \
+  iproute2 nftables procps python3 python3-dnslib dnsutils curl socat ca-certificates >/dev/null
+
+if ! command -v cargo-nextest >/dev/null && ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install --locked cargo-nextest
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# Every test in its own process (nextest), so namespace tests never share state.
+cargo nextest run --workspace --locked --no-fail-fast
