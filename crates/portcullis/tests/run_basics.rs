@@ -121,3 +121,90 @@ fn hard_coded_address_is_blocked_and_reported() {
             .any(|v| v == HARD4)
     );
 }
+
+#[test]
+fn sandbox_cannot_reach_the_hosts_own_services() {
+    let world = World::new(&zone());
+    // A service of the invoking namespace ("the host"), on its world-facing address and on
+    // loopback: neither may be reachable from the sandbox.
+    let mut server = world
+        .uplink_cmd("socat")
+        .args([
+            "-T",
+            "30",
+            "TCP-LISTEN:8080,fork,reuseaddr",
+            "SYSTEM:echo host-service",
+        ])
+        .spawn()
+        .unwrap();
+    assert!(wait_until(std::time::Duration::from_secs(5), || {
+        world
+            .uplink_cmd("sh")
+            .args(["-c", "ss -ltn | grep -q ':8080'"])
+            .status()
+            .is_ok_and(|s| s.success())
+    }));
+    let out = run(
+        &world,
+        &["--allow", "ok.test"],
+        &[
+            "sh",
+            "-c",
+            "gw=$(ip -4 route show default | cut -d' ' -f3); \
+             curl -sS --max-time 2 http://203.0.113.1:8080/; \
+             curl -sS --max-time 2 http://$gw:8080/; \
+             curl -sS --max-time 2 http://127.0.0.1:8080/; exit 0",
+        ],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        !stdout(&out).contains("host-service"),
+        "the sandbox reached a host service"
+    );
+    assert!(
+        stderr(&out).contains(":8080/tcp"),
+        "the blocked attempt is reported"
+    );
+}
+
+#[test]
+fn cmd_runs_as_the_sudo_caller_or_the_given_user_without_capabilities() {
+    let world = World::new(&zone());
+    let out = run_cmd(
+        &world,
+        &["--allow", "ok.test"],
+        &["sh", "-c", "id -u; id -g; grep CapEff /proc/self/status"],
+    )
+    .env("SUDO_UID", "65534")
+    .env("SUDO_GID", "65534")
+    .output()
+    .unwrap();
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(text.starts_with("65534\n65534\n"), "got {text}");
+    let out = run(
+        &world,
+        &["--allow", "ok.test", "--user", "nobody"],
+        &["id", "-un"],
+    );
+    assert_eq!(stdout(&out).trim(), "nobody");
+    // Without sudo or --user: root, but with no capability at all.
+    let out = run(
+        &world,
+        &["--allow", "ok.test"],
+        &[
+            "sh",
+            "-c",
+            "id -u; grep -E 'Cap(Eff|Prm|Bnd)' /proc/self/status",
+        ],
+    );
+    let text = stdout(&out);
+    assert!(text.starts_with("0\n"), "got {text}");
+    for line in text.lines().skip(1) {
+        assert!(
+            line.ends_with("0000000000000000"),
+            "capabilities left: {line}"
+        );
+    }
+}
