@@ -208,3 +208,57 @@ fn cmd_runs_as_the_sudo_caller_or_the_given_user_without_capabilities() {
         );
     }
 }
+
+#[test]
+fn forwarding_is_enabled_only_for_the_run_and_restored_after() {
+    let world = World::new(&zone());
+    world.serve_http(80);
+    let sysctl = |key: &str| {
+        let out = world
+            .uplink_cmd("sysctl")
+            .args(["-n", key])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    for key in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
+        assert!(
+            world
+                .uplink_cmd("sysctl")
+                .args(["-qw", &format!("{key}=0")])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    let before = residue(&world);
+    let out = run(
+        &world,
+        &["--allow", "ok.test"],
+        &[
+            "sh",
+            "-c",
+            "curl -4 -sS --max-time 5 http://ok.test/ && curl -6 -sS --max-time 5 http://ok.test/",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the run turned forwarding on for its sandbox"
+    );
+    assert_eq!(
+        sysctl("net.ipv4.ip_forward"),
+        "0",
+        "IPv4 forwarding restored"
+    );
+    assert_eq!(
+        sysctl("net.ipv6.conf.all.forwarding"),
+        "0",
+        "IPv6 forwarding restored"
+    );
+    assert_eq!(
+        residue(&world),
+        before,
+        "the guard table and state are gone"
+    );
+}
