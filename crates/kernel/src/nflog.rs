@@ -114,7 +114,8 @@ impl NflogGroup {
         F: FnMut(BlockedPacket) + Send + 'static,
     {
         // A short receive timeout lets the thread notice `stop`.
-        set_timeout(&self.socket, Duration::from_millis(200));
+        crate::nft::sets::set_recv_timeout(&self.socket, Duration::from_millis(200))
+            .map_err(|e| Error::io(format!("configure NFLOG group {}", self.group), e))?;
         std::thread::Builder::new()
             .name(format!("nflog-{}", self.group))
             .spawn(move || {
@@ -152,24 +153,6 @@ impl NflogGroup {
                 }
             })
             .map_err(|e| Error::io("spawn NFLOG reader", e))
-    }
-}
-
-fn set_timeout(socket: &Socket, d: Duration) {
-    use std::os::fd::AsRawFd as _;
-    let tv = libc::timeval {
-        tv_sec: d.as_secs() as libc::time_t,
-        tv_usec: d.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: valid socket fd and a properly initialised timeval of the size given.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        );
     }
 }
 

@@ -130,7 +130,8 @@ impl NetlinkSetWriter {
     }
 }
 
-fn set_recv_timeout(socket: &Socket, timeout: Duration) -> std::io::Result<()> {
+/// Bounds how long `recv` on a netlink socket blocks.
+pub(crate) fn set_recv_timeout(socket: &Socket, timeout: Duration) -> std::io::Result<()> {
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_usec: timeout.subsec_micros() as libc::suseconds_t,
