@@ -15,8 +15,10 @@ use portcullis_kernel::state::{GlobalLock, Lease, SandboxRecord, StateDir};
 use portcullis_kernel::sysctl::Forwarding;
 
 /// Removes every leftover of dead sandboxes in this namespace; returns what it removed.
+/// With `scan`, also objects with our prefix that no record names (a state directory removed
+/// by hand); that costs an `nft` run and a link dump, so `run` leaves it to `cleanup`.
 /// Call with the global lock held.
-pub fn cleanup_stale(state: &StateDir) -> Vec<String> {
+pub fn cleanup_stale(state: &StateDir, scan: bool) -> Vec<String> {
     let mut removed = Vec::new();
     let records = state.sandboxes().unwrap_or_default();
     let live: Vec<SandboxId> = records
@@ -33,7 +35,12 @@ pub fn cleanup_stale(state: &StateDir) -> Vec<String> {
     }
     // Objects with our prefix but no live record: a crash between creation and record is
     // impossible (the record comes first), but a state directory removed by hand is not.
-    for table in apply::list_tables().unwrap_or_default() {
+    let tables = if scan {
+        apply::list_tables().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    for table in tables {
         if let Some(id) = SandboxId::from_table(&table)
             && !live.contains(&id)
             && apply::delete_table(&table).is_ok()
@@ -41,7 +48,12 @@ pub fn cleanup_stale(state: &StateDir) -> Vec<String> {
             removed.push(format!("nft table inet {table}"));
         }
     }
-    for name in link::link_names().unwrap_or_default() {
+    let links = if scan {
+        link::link_names().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    for name in links {
         if let Some(id) = SandboxId::from_ifname(&name)
             && !live.contains(&id)
             && link::delete_link(&name).is_ok()
@@ -49,7 +61,7 @@ pub fn cleanup_stale(state: &StateDir) -> Vec<String> {
             removed.push(format!("link {name}"));
         }
     }
-    if live.is_empty() {
+    if live.is_empty() && (scan || !records.is_empty()) {
         restore_host(state, &mut removed);
     }
     removed.dedup();
@@ -124,7 +136,7 @@ impl Sandbox {
         netns: &std::path::Path,
     ) -> anyhow::Result<Self> {
         let lock: GlobalLock = state.lock()?;
-        for what in cleanup_stale(state) {
+        for what in cleanup_stale(state, false) {
             tracing::info!("removed leftover: {what}");
         }
         let mut in_use = link::prefixes_in_use()?;

@@ -10,7 +10,7 @@ pub fn cleanup(state_dir: Option<std::path::PathBuf>) -> Result<i32, Failure> {
     super::run::require_privileges()?;
     let state = StateDir::open(state_dir).code(FAILED)?;
     let lock = state.lock().code(FAILED)?;
-    let removed = crate::sandbox::cleanup_stale(&state);
+    let removed = crate::sandbox::cleanup_stale(&state, true);
     if state.sandboxes().map(|v| v.is_empty()).unwrap_or(false) {
         state.remove_if_empty();
     }

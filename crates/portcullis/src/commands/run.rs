@@ -254,8 +254,9 @@ pub fn run(args: RunArgs, state_dir: Option<PathBuf>, _verbose: u8) -> Result<i3
 
     // CMD is gone: read what the kernel counted before the table goes, then tear down.
     let blocked = apply::blocked_packets(&id).unwrap_or(0);
+    // The reader notices `stop` within its receive timeout; nobody waits for it.
     stop.store(true, Ordering::Relaxed);
-    let _ = reader.join();
+    drop(reader);
     rt.shutdown_background();
     for e in sandbox.teardown() {
         eprintln!("portcullis: teardown: {e}");
