@@ -78,22 +78,20 @@ fn remove_objects(id: &SandboxId, removed: &mut Vec<String>) {
 }
 
 /// Restores forwarding and removes the guard table when no sandbox is left. Lock held.
+/// The guard exists exactly while a saved forwarding record does; where the original values
+/// are unknown the guard stays (removing it would forward more than before: fail closed).
 fn restore_host(state: &StateDir, notes: &mut Vec<String>) {
     if let Some(saved) = state.saved_forwarding() {
         match saved.restore() {
             Ok(()) => {
+                if let Err(e) = apply::delete_table(GLOBAL_TABLE) {
+                    tracing::error!("{e}");
+                }
                 state.forget_forwarding();
                 notes.push("forwarding settings restored".into());
             }
             Err(e) => tracing::error!("{e}"),
         }
-    }
-    if apply::list_tables()
-        .unwrap_or_default()
-        .iter()
-        .any(|t| t == GLOBAL_TABLE)
-    {
-        let _ = apply::delete_table(GLOBAL_TABLE);
     }
 }
 
@@ -104,11 +102,16 @@ fn enable_forwarding(state: &StateDir) -> anyhow::Result<()> {
     if now.ipv4 && now.ipv6 {
         return Ok(());
     }
-    if state.saved_forwarding().is_none() {
-        state.save_forwarding(&now)?;
-    }
+    // What was found before the first sandbox: later sandboxes find forwarding already on.
+    let original = match state.saved_forwarding() {
+        Some(saved) => saved,
+        None => {
+            state.save_forwarding(&now)?;
+            now
+        }
+    };
     apply::apply(
-        &ruleset::forward_guard_ruleset(),
+        &ruleset::forward_guard_ruleset(!original.ipv4, !original.ipv6),
         "create forwarding guard table",
     )?;
     Forwarding::enable()?;
@@ -168,6 +171,17 @@ impl Sandbox {
         state.update(&record)?;
         drop(lock);
         Ok(sb)
+    }
+
+    /// Notes the sandbox's NFLOG group in its record.
+    pub fn record_nflog_group(&self, group: u16) -> anyhow::Result<()> {
+        let record = SandboxRecord {
+            id: self.id.clone(),
+            pid: std::process::id(),
+            addressing: Some(self.addressing.clone()),
+            nflog_group: Some(group),
+        };
+        Ok(self.state.update(&record)?)
     }
 
     pub fn peers(&self) -> Vec<IpAddr> {

@@ -87,6 +87,9 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
 	chain host_input {{
 		type filter hook input priority filter; policy accept;
 		iifname != "{ifname}" return
+		# The sandbox kernel's own link chatter (router solicitations, MLD reports; CMD has no
+		# raw sockets to send them) is no flow of CMD's: dropped without counting or logging.
+		icmpv6 type {{ nd-router-solicit, mld-listener-report, mld2-listener-report }} drop
 		meta nfproto ipv4 ip saddr != {s4} counter name {COUNTER_BLOCKED} drop
 		meta nfproto ipv6 ip6 saddr != {{ {s6}, fe80::/10 }} counter name {COUNTER_BLOCKED} drop
 		ct state established,related accept
@@ -162,18 +165,25 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
     s
 }
 
-/// The shared table that keeps forwarding confined to sandbox interfaces. It exists only
-/// while Portcullis itself turned forwarding on in this namespace: traffic between the
-/// namespace's other interfaces is then dropped, as it was before.
-pub fn forward_guard_ruleset() -> String {
+/// The shared table that keeps forwarding confined to sandbox interfaces, for the families
+/// whose forwarding Portcullis itself turned on (`confine4`, `confine6`): forwarded traffic of
+/// those families between the namespace's other interfaces is dropped, as it was before, and
+/// a family that was already forwarding is left alone.
+pub fn forward_guard_ruleset(confine4: bool, confine6: bool) -> String {
+    let mut drops = String::new();
+    if confine4 {
+        drops.push_str("\t\tmeta nfproto ipv4 drop\n");
+    }
+    if confine6 {
+        drops.push_str("\t\tmeta nfproto ipv6 drop\n");
+    }
     format!(
         r#"table inet {GLOBAL_TABLE} {{
 	chain forward_guard {{
 		type filter hook forward priority filter - 1; policy accept;
 		iifname "{IF_PREFIX}*" accept
 		oifname "{IF_PREFIX}*" accept
-		drop
-	}}
+{drops}	}}
 }}
 "#
     )
@@ -192,6 +202,14 @@ mod tests {
             sandbox6: "2001:db8:fffe::2".parse().unwrap(),
             prefix6: 64,
         }
+    }
+
+    #[test]
+    fn guard_confines_only_the_families_portcullis_turned_on() {
+        let only6 = forward_guard_ruleset(false, true);
+        assert!(only6.contains("meta nfproto ipv6 drop") && !only6.contains("ipv4 drop"));
+        let both = forward_guard_ruleset(true, true);
+        assert!(both.contains("meta nfproto ipv4 drop") && both.contains("meta nfproto ipv6 drop"));
     }
 
     #[test]
@@ -235,6 +253,17 @@ mod tests {
                 .trim_end_matches('}')
                 .trim_end()
                 .ends_with("counter name blocked drop")
+        );
+        // The sandbox kernel's router solicitations and MLD reports are dropped before any
+        // rule counts or logs them: they are not CMD's flows.
+        let input =
+            &text[text.find("chain host_input").unwrap()..text.find("chain forward").unwrap()];
+        let quiet = input.find("nd-router-solicit").unwrap();
+        assert!(quiet < input.find("counter name blocked").unwrap());
+        assert!(
+            input[quiet..].starts_with(
+                "nd-router-solicit, mld-listener-report, mld2-listener-report } drop\n"
+            )
         );
     }
 }

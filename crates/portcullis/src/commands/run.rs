@@ -189,6 +189,7 @@ pub fn run(args: RunArgs, state_dir: Option<PathBuf>, _verbose: u8) -> Result<i3
         tcp6: port(tcp6.local_addr())?,
     };
     let nflog = NflogGroup::bind_any(nflog_candidates(&id)).code(FAILED)?;
+    sandbox.record_nflog_group(nflog.group).code(FAILED)?;
     let statics: Vec<StaticAllow> = opts
         .policy
         .rules
