@@ -81,6 +81,9 @@ impl NflogGroup {
         for nlas in [
             vec![ConfigNla::Cmd(ConfigCmd::Bind)],
             vec![ConfigNla::Mode(ConfigMode::PACKET_MAX)],
+            // Each packet at once: by default the kernel batches up to 100 packets for up to
+            // a second, so the flows of a run's last second never reached the report.
+            vec![ConfigNla::QThresh(1)],
         ] {
             let msg = config_request(NetfilterProtoFamily::Unspec, group, nlas);
             let mut buf = vec![0; msg.buffer_len()];
@@ -120,9 +123,14 @@ impl NflogGroup {
             .name(format!("nflog-{}", self.group))
             .spawn(move || {
                 let mut buf = vec![0u8; 1 << 16];
-                while !stop.load(Ordering::Relaxed) {
-                    let n = match self.socket.recv(&mut &mut buf[..], 0) {
+                loop {
+                    // Once stopped (CMD has exited), what the kernel logged is already queued
+                    // on the socket: read it without waiting, then end.
+                    let stopping = stop.load(Ordering::Relaxed);
+                    let flags = if stopping { libc::MSG_DONTWAIT } else { 0 };
+                    let n = match self.socket.recv(&mut &mut buf[..], flags) {
                         Ok(n) => n,
+                        Err(_) if stopping => break,
                         Err(_) => continue,
                     };
                     let mut off = 0;

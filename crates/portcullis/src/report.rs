@@ -104,6 +104,7 @@ impl Report {
         self.denied_names.is_empty()
             && self.blocked_flows.is_empty()
             && self.failed_names.is_empty()
+            && self.blocked_packets == 0
     }
 
     /// The human summary for stderr.

@@ -7,6 +7,7 @@
 //!                                          2001:db8:ffff::1/64    2001:db8:ffff::2/64
 //!                                          default -> world       local 198.51.100.0/24
 //!                                                                 local 2001:db8::/48
+//!                                                                 local 2001:db8:1::/64
 //!                                                                 default -> uplink
 //! ```
 
@@ -79,6 +80,9 @@ impl World {
     pub const LOCAL4: &str = "198.51.100.0/24";
     /// Every address in it is the world's own (a local route).
     pub const LOCAL6: &str = "2001:db8::/48";
+    /// The addresses of generated names ([`crate::Zone::generated_v6`]) lie outside
+    /// [`World::LOCAL6`]; this local route makes them the world's too.
+    pub const LOCAL6_GENERATED: &str = "2001:db8:1::/64";
     /// IPv4 pool for Portcullis's sandboxes in tests. The uplink has no route for it;
     /// Portcullis makes its own. The world routes it back to the uplink.
     pub const POOL4: &str = "203.0.113.128/25";
@@ -186,6 +190,10 @@ impl World {
         }
         ip(w, &format!("route add local {} dev lo", Self::LOCAL4));
         ip(w, &format!("-6 route add local {} dev lo", Self::LOCAL6));
+        ip(
+            w,
+            &format!("-6 route add local {} dev lo", Self::LOCAL6_GENERATED),
+        );
         // The uplink's only way out is the world; the world sends everything that is not its
         // own, the sandbox pools included, back to the uplink.
         for (ns, v4, v6) in [(up, w4, w6), (w, up4, up6)] {

@@ -86,3 +86,148 @@ fn uplink_ino(world: &World) -> u64 {
         .map(|m| m.ino())
         .unwrap_or(0)
 }
+
+/// Debian's Python, isolated (`-I`), running `script` with `args` as CMD: not a PATH shim, and
+/// no user site or environment that could change what it does inside the sandbox.
+pub fn python<'a>(script: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut cmd = vec!["/usr/bin/python3", "-I", "-c", script];
+    cmd.extend_from_slice(args);
+    cmd
+}
+
+/// The `--report` JSON that a run wrote.
+pub fn read_report(path: &std::path::Path) -> serde_json::Value {
+    let bytes = std::fs::read(path)
+        .unwrap_or_else(|e| panic!("portcullis wrote no report at {}: {e}", path.display()));
+    serde_json::from_slice(&bytes).expect("the report is JSON")
+}
+
+/// The host-side links of sandboxes (`pc-<id>-h`) in the world's uplink.
+pub fn sandbox_links(world: &World) -> Vec<String> {
+    let (_, links, _) = residue(world);
+    links
+        .lines()
+        .filter(|l| l.starts_with("pc-"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A spawned process (a `portcullis run`), killed with SIGKILL and reaped when the guard drops,
+/// whether the test passed, failed or panicked.
+#[derive(Debug)]
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    /// Starts `cmd` with stdin closed and stdout/stderr captured.
+    pub fn spawn(cmd: &mut Command) -> KillOnDrop {
+        use std::process::Stdio;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start portcullis");
+        KillOnDrop(child)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Waits at most `limit` for the process to end and returns what it printed (also echoed,
+    /// like [`run`]). Panics if it is still running then; the guard kills it.
+    pub fn output_within(&mut self, limit: std::time::Duration) -> Output {
+        fn drain(
+            pipe: Option<impl std::io::Read + Send + 'static>,
+        ) -> std::thread::JoinHandle<Vec<u8>> {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_end(&mut buf);
+                }
+                buf
+            })
+        }
+        let out = drain(self.0.stdout.take());
+        let err = drain(self.0.stderr.take());
+        let mut status = None;
+        let ended = wait_until(limit, || {
+            status = self.0.try_wait().expect("wait for portcullis");
+            status.is_some()
+        });
+        if !ended {
+            let _ = self.0.kill();
+        }
+        let output = Output {
+            status: status.unwrap_or_else(|| self.0.wait().expect("reap portcullis")),
+            stdout: out.join().expect("stdout reader"),
+            stderr: err.join().expect("stderr reader"),
+        };
+        eprintln!(
+            "--- portcullis exit {:?}\n--- stdout\n{}--- stderr\n{}",
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(ended, "portcullis still ran after {limit:?}; killed it");
+        output
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The command line of `pid`, split at NULs; None when it is gone or a zombie.
+pub fn cmdline(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The state follows the command name, which is in parentheses and may contain anything.
+    let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Live processes below `ancestor` (children, grandchildren...) whose command line is `argv`.
+pub fn descendants_running(ancestor: u32, argv: &[&str]) -> Vec<u32> {
+    let pids = std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
+    pids.filter(|&pid| cmdline(pid).is_some_and(|c| c == argv))
+        .filter(|&pid| {
+            let mut p = pid;
+            // Bounded: a pid chain is never this deep.
+            for _ in 0..64 {
+                match parent_of(p) {
+                    Some(q) if q == ancestor => return true,
+                    Some(q) if q > 1 => p = q,
+                    _ => return false,
+                }
+            }
+            false
+        })
+        .collect()
+}

@@ -1,0 +1,125 @@
+//! Ending a run any way at all leaves nothing behind: SIGKILL of Portcullis takes CMD and the
+//! sandbox's network with it (and `portcullis cleanup` removes the rest); SIGTERM and SIGINT
+//! are forwarded to CMD and the run exits with its status; a crashing CMD is reported by its
+//! signal.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+fn zone() -> Zone {
+    Zone::new().a("ok.test", [198, 51, 100, 10], 300)
+}
+
+/// Starts `portcullis run -- sleep <secs>` and waits until the sandbox is wired and CMD runs;
+/// returns the guard and CMD's pid. `secs` is unique per test, so that CMD is told apart from
+/// every other process on the machine (and it is also looked for below this run only).
+fn start_sleeper(world: &World, secs: &str) -> (KillOnDrop, u32) {
+    let portcullis = KillOnDrop::spawn(&mut run_cmd(
+        world,
+        &["--allow", "ok.test"],
+        &["sleep", secs],
+    ));
+    let mut cmd = Vec::new();
+    let started = wait_until(Duration::from_secs(30), || {
+        cmd = descendants_running(portcullis.pid(), &["sleep", secs]);
+        cmd.len() == 1 && !sandbox_links(world).is_empty()
+    });
+    assert!(started, "the sandbox never came up (CMD pids {cmd:?})");
+    // `ip netns exec` execs Portcullis in place: the child is Portcullis itself.
+    let exe = std::fs::read_link(format!("/proc/{}/exe", portcullis.pid())).expect("read exe");
+    assert!(
+        exe.ends_with("portcullis"),
+        "the spawned process is {}",
+        exe.display()
+    );
+    (portcullis, cmd[0])
+}
+
+#[test]
+fn sigkill_of_portcullis_takes_cmd_and_the_network_with_it() {
+    const SECS: &str = "6173";
+    let world = World::new(&zone());
+    let before = residue(&world);
+    let (mut portcullis, cmd) = start_sleeper(&world, SECS);
+    let links = sandbox_links(&world);
+    assert_eq!(links.len(), 1, "{links:?}");
+
+    kill(Pid::from_raw(portcullis.pid() as i32), Signal::SIGKILL).unwrap();
+    let out = portcullis.output_within(Duration::from_secs(10));
+    assert_eq!(out.status.code(), None, "killed by a signal");
+
+    assert!(
+        wait_until(Duration::from_secs(20), || cmdline(cmd).is_none()),
+        "CMD (pid {cmd}) outlived Portcullis: {:?}",
+        cmdline(cmd)
+    );
+    // The sandbox's network namespace went with its last process, and its veth pair with it:
+    // the sandbox has no way out left.
+    assert!(
+        wait_until(Duration::from_secs(20), || sandbox_links(&world).is_empty()),
+        "the sandbox's link is still there: {:?}",
+        sandbox_links(&world)
+    );
+
+    // What only Portcullis could remove is left for `cleanup`: the nft table and the state.
+    let (nft, _, state) = residue(&world);
+    assert!(nft.contains("table inet portcullis_"), "{nft}");
+    assert!(!state.is_empty(), "the run's state is gone before cleanup");
+    let cleanup = world
+        .uplink_cmd(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("cleanup")
+        .output()
+        .unwrap();
+    let said = stderr(&cleanup);
+    eprintln!("--- cleanup\n{said}");
+    assert!(cleanup.status.success());
+    assert!(
+        said.contains("removed nft table inet portcullis_"),
+        "{said}"
+    );
+    assert!(said.contains("removed state of sandbox "), "{said}");
+    assert_eq!(residue(&world), before, "cleanup left something behind");
+}
+
+/// Sends `signal` to Portcullis while `sleep <secs>` runs; returns how the run ended.
+fn signal_mid_run(signal: Signal, secs: &str) -> (std::process::Output, World) {
+    let world = World::new(&zone());
+    let before = residue(&world);
+    let (mut portcullis, cmd) = start_sleeper(&world, secs);
+    kill(Pid::from_raw(portcullis.pid() as i32), signal).expect("signal portcullis");
+    let out = portcullis.output_within(Duration::from_secs(20));
+    assert!(cmdline(cmd).is_none(), "CMD still runs");
+    assert_eq!(residue(&world), before, "run left something behind");
+    (out, world)
+}
+
+#[test]
+fn sigterm_is_forwarded_to_cmd_and_the_run_exits_143() {
+    let (out, _world) = signal_mid_run(Signal::SIGTERM, "6174");
+    assert_eq!(out.status.code(), Some(143), "128 + SIGTERM, from CMD");
+}
+
+#[test]
+fn sigint_is_forwarded_to_cmd_and_the_run_exits_130() {
+    let (out, _world) = signal_mid_run(Signal::SIGINT, "6175");
+    assert_eq!(out.status.code(), Some(130), "128 + SIGINT, from CMD");
+}
+
+#[test]
+fn crashing_cmd_exits_139_and_leaves_nothing() {
+    let world = World::new(&zone());
+    let before = residue(&world);
+    // No core file: the machine's core_pattern would write it into the current directory.
+    let out = run(
+        &world,
+        &["--allow", "ok.test"],
+        &["sh", "-c", "ulimit -c 0; kill -SEGV $$"],
+    );
+    assert_eq!(out.status.code(), Some(139), "128 + SIGSEGV");
+    assert_eq!(residue(&world), before, "run left something behind");
+}
