@@ -307,14 +307,58 @@ fn pid1(spec: &InitSpec, set: &SigSet) -> ! {
     if let Err(e) = mount(Some("proc"), "/proc", Some("proc"), nosuid, None::<&str>) {
         die(&format!("mount /proc: {e}"), EXIT_SETUP_FAILED);
     }
-    // A fresh sysfs shows the sandbox's own network devices; not fatal where it is refused.
-    let _ = mount(Some("sysfs"), "/sys", Some("sysfs"), nosuid, None::<&str>);
+    // A fresh sysfs shows the sandbox's own network devices; read-only, like the kernel
+    // settings under /proc below. Not fatal where it is refused.
+    let _ = mount(
+        Some("sysfs"),
+        "/sys",
+        Some("sysfs"),
+        nosuid | MsFlags::MS_RDONLY,
+        None::<&str>,
+    );
+    // uid 0 may write many sysctls and /proc files without any capability (a `|program` in
+    // kernel/core_pattern would run as full root outside every namespace). CMD has no
+    // CAP_SYS_ADMIN, so it cannot undo these read-only bind mounts.
+    for path in READ_ONLY_PROC {
+        if let Err(e) = read_only_bind(path) {
+            die(&format!("make {path} read-only: {e}"), EXIT_SETUP_FAILED);
+        }
+    }
     // SAFETY: single-threaded process, see init_main.
     match unsafe { fork() } {
         Ok(ForkResult::Child) => exec_cmd(spec),
         Ok(ForkResult::Parent { child }) => supervise(child, set, true),
         Err(e) => die(&format!("fork: {e}"), EXIT_SETUP_FAILED),
     }
+}
+
+/// Kernel interfaces under the sandbox's /proc that CMD may read but never write.
+pub const READ_ONLY_PROC: [&str; 5] = [
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+    "/proc/irq",
+    "/proc/bus",
+    "/proc/fs",
+];
+
+fn read_only_bind(path: &str) -> nix::Result<()> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(()); // not on this kernel
+    }
+    mount(
+        Some(path),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )?;
+    let flags = MsFlags::MS_BIND
+        | MsFlags::MS_REMOUNT
+        | MsFlags::MS_RDONLY
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV
+        | MsFlags::MS_NOEXEC;
+    mount(None::<&str>, path, None::<&str>, flags, None::<&str>)
 }
 
 /// Forwards signals to `child` and exits with its status. As PID 1 (`reap_all`), it also

@@ -10,6 +10,7 @@ mod report;
 mod sandbox;
 
 use clap::Parser as _;
+use clap::error::ErrorKind;
 
 fn init_logging(cli: &cli::Cli) {
     use tracing_subscriber::EnvFilter;
@@ -29,6 +30,31 @@ fn init_logging(cli: &cli::Cli) {
     }
 }
 
+/// Help and version print as clap renders them; every other command-line error is one line.
+fn usage_error(e: clap::Error) -> ! {
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let message = text.split("Usage:").next().unwrap_or(&text);
+    let line: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let line = line.join(" ");
+    eprintln!(
+        "portcullis: {} (see --help)",
+        line.trim_start_matches("error: ")
+    );
+    std::process::exit(exit::USAGE);
+}
+
 fn main() {
     let mut args = std::env::args_os();
     if args.nth(1).is_some_and(|a| a == "__sandbox-init") {
@@ -44,7 +70,10 @@ fn main() {
         eprintln!("portcullis: {e}");
         std::process::exit(exit::FAILED);
     }
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => usage_error(e),
+    };
     init_logging(&cli);
     let code = match commands::dispatch(cli) {
         Ok(code) => code,

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use portcullis_kernel::nflog::BlockedPacket;
+use portcullis_policy::{Decision, DomainName, Policy, Protocol};
 use portcullis_relay::DnsReport;
 use serde::Serialize;
 
@@ -43,8 +44,27 @@ fn proto_name(p: u8) -> String {
     }
 }
 
+/// Whether the policy allows `name` for this packet's protocol and port.
+fn permits(policy: &Policy, name: &str, p: &BlockedPacket) -> bool {
+    let Ok(name) = DomainName::parse(name) else {
+        return false;
+    };
+    let Decision::Allow(access) = policy.decide(&name) else {
+        return false;
+    };
+    let proto = match p.proto {
+        6 => Protocol::Tcp,
+        17 => Protocol::Udp,
+        _ => return access.any_port,
+    };
+    access.any_port
+        || p.dport
+            .is_some_and(|port| access.ports.contains(&(proto, port)))
+}
+
 impl Report {
     pub fn build(
+        policy: &Policy,
         dns: &DnsReport,
         flows: &BTreeMap<BlockedPacket, u64>,
         blocked_packets: u64,
@@ -67,14 +87,16 @@ impl Report {
                 let reason = if names.is_empty() {
                     suggested.push(p.dst.to_string());
                     "no DNS lookup: hard-coded address".to_owned()
-                } else {
-                    // The name was answered, so its rule limits ports/protocols, or its
-                    // element expired before this connection.
-                    suggested.extend(names.iter().cloned());
+                } else if names.iter().any(|n| permits(policy, n, p)) {
+                    // The policy lets this flow through: only the set element was missing,
+                    // because the answer's lifetime ended before this connection.
                     format!(
-                        "resolved from {}, but not allowed for this port, or its answer expired",
+                        "resolved from {}, whose answer had expired: resolve again before connecting, or raise --min-ttl",
                         names.join(", ")
                     )
+                } else {
+                    suggested.extend(names.iter().cloned());
+                    format!("resolved from {}, whose rules do not allow this port or protocol", names.join(", "))
                 };
                 BlockedFlow {
                     destination,

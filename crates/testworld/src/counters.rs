@@ -52,6 +52,9 @@ fn ruleset(iface: &str) -> String {
         "  chain count {{
     type filter hook prerouting priority raw; policy accept;
     iifname != \"{iface}\" return
+    # The uplink kernel's own link-local chatter (MLD reports, router solicitations) is never
+    # forwarded, so it cannot carry a sandbox's packet: it is not counted.
+    icmpv6 type {{ mld-listener-report, mld2-listener-report, nd-router-solicit }} return
     counter name \"{TOTAL}\"
     update @{DST4} {{ ip daddr }}
     update @{DST6} {{ ip6 daddr }}

@@ -263,7 +263,7 @@ pub fn run(args: RunArgs, state_dir: Option<PathBuf>, _verbose: u8) -> Result<i3
         eprintln!("portcullis: teardown: {e}");
     }
     let flows = flows.lock().map(|f| f.clone()).unwrap_or_default();
-    let report = Report::build(&ctx.report(), &flows, blocked, code);
+    let report = Report::build(&opts.policy, &ctx.report(), &flows, blocked, code);
     if !report.is_clean() {
         eprint!("{}", report.text());
     }
