@@ -243,3 +243,216 @@ fn access_keys(access: &Access, addr: IpAddr) -> Vec<ElementKey> {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The relay's invariants without root: a recording `SetWriter` stands in for netlink, and
+    //! a fake upstream on 127.0.0.1 answers with whatever TTL the test sets.
+
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicBool, AtomicU32};
+
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+    use portcullis_policy::Rule;
+
+    use super::*;
+
+    #[derive(Debug, Default)]
+    struct Recorder {
+        batches: Mutex<Vec<Vec<Element>>>,
+        fail: AtomicBool,
+    }
+
+    impl SetWriter for Recorder {
+        fn add(&self, _table: &str, elements: &[Element]) -> portcullis_kernel::Result<()> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(portcullis_kernel::Error::Other("set is full".into()));
+            }
+            self.batches.lock().unwrap().push(elements.to_vec());
+            Ok(())
+        }
+    }
+
+    /// Answers every query with one A record, 198.51.100.7, with the current `ttl`.
+    async fn fake_upstream(ttl: Arc<AtomicU32>, seen: Arc<AtomicU64>) -> SocketAddr {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let q = Message::from_vec(&buf[..n]).unwrap();
+                let mut a = Message::response(q.metadata.id, q.metadata.op_code);
+                a.queries = q.queries.clone();
+                let name = q.queries[0].name.clone();
+                a.answers.push(Record::from_rdata(
+                    name,
+                    ttl.load(Ordering::SeqCst),
+                    RData::A(A("198.51.100.7".parse().unwrap())),
+                ));
+                sock.send_to(&a.to_vec().unwrap(), peer).await.unwrap();
+            }
+        });
+        addr
+    }
+
+    fn query(name: &str) -> Vec<u8> {
+        let mut m = Message::query();
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        m.to_vec().unwrap()
+    }
+
+    fn rcode(reply: &[u8]) -> ResponseCode {
+        Message::from_vec(reply).unwrap().metadata.response_code
+    }
+
+    struct Setup {
+        ctx: SandboxCtx,
+        cfg: RelayConfig,
+        writer: Arc<Recorder>,
+        ttl: Arc<AtomicU32>,
+        seen: Arc<AtomicU64>,
+    }
+
+    async fn setup(policy: Policy) -> Setup {
+        let (ttl, seen) = (Arc::new(AtomicU32::new(100)), Arc::new(AtomicU64::new(0)));
+        let up = fake_upstream(ttl.clone(), seen.clone()).await;
+        let writer = Arc::new(Recorder::default());
+        let ctx = SandboxCtx::new(
+            "portcullis_0a1b2c3d".into(),
+            vec![],
+            Arc::new(policy),
+            writer.clone(),
+        );
+        let cfg = RelayConfig {
+            upstreams: vec![up],
+            min_ttl: 1,
+            ..RelayConfig::default()
+        };
+        Setup {
+            ctx,
+            cfg,
+            writer,
+            ttl,
+            seen,
+        }
+    }
+
+    fn allow(patterns: &[&str]) -> Policy {
+        Policy::new(
+            patterns
+                .iter()
+                .map(|p| Rule::parse_allow_arg(p).unwrap())
+                .collect(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_shorter_answer_never_shortens_a_live_element() {
+        let s = setup(allow(&["ok.test"])).await;
+        let reply = s
+            .ctx
+            .handle(&s.cfg, &query("ok.test."), false)
+            .await
+            .unwrap();
+        assert_eq!(rcode(&reply), ResponseCode::NoError);
+        s.ttl.store(10, Ordering::SeqCst);
+        s.ctx
+            .handle(&s.cfg, &query("ok.test."), false)
+            .await
+            .unwrap();
+        s.ttl.store(500, Ordering::SeqCst);
+        s.ctx
+            .handle(&s.cfg, &query("ok.test."), false)
+            .await
+            .unwrap();
+        let batches = s.writer.batches.lock().unwrap().clone();
+        let timeouts: Vec<u64> = batches.iter().map(|b| b[0].timeout.as_secs()).collect();
+        // 100 s (+1 s grace) written; 10 s skipped (it would shorten); 500 s written.
+        assert_eq!(timeouts, vec![101, 501]);
+        assert_eq!(
+            batches[0][0].key,
+            ElementKey::Addr("198.51.100.7".parse().unwrap())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_insertion_is_servfail_and_releases_no_address() {
+        let s = setup(allow(&["ok.test"])).await;
+        s.writer.fail.store(true, Ordering::SeqCst);
+        let reply = s
+            .ctx
+            .handle(&s.cfg, &query("ok.test."), false)
+            .await
+            .unwrap();
+        let m = Message::from_vec(&reply).unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        assert!(m.answers.is_empty(), "no address may reach the sandbox");
+        assert_eq!(s.ctx.report().failed.get("ok.test"), Some(&1));
+    }
+
+    #[tokio::test]
+    async fn denied_names_never_reach_the_upstream() {
+        let s = setup(allow(&["ok.test", "*.wild.test"])).await;
+        for name in ["sub.ok.test.", "evil.test.", "a.b.wild.test.", "wild.test."] {
+            let reply = s.ctx.handle(&s.cfg, &query(name), false).await.unwrap();
+            assert_eq!(rcode(&reply), ResponseCode::NXDomain, "{name}");
+        }
+        assert_eq!(
+            s.seen.load(Ordering::SeqCst),
+            0,
+            "a denied query left the relay"
+        );
+        assert!(s.writer.batches.lock().unwrap().is_empty());
+        assert_eq!(s.ctx.report().denied.len(), 4);
+        let reply = s
+            .ctx
+            .handle(&s.cfg, &query("x.wild.test."), false)
+            .await
+            .unwrap();
+        assert_eq!(rcode(&reply), ResponseCode::NoError);
+        assert_eq!(s.seen.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn port_rules_open_address_protocol_and_port_only() {
+        let policy = Policy::from_toml_str(
+            "[[allow]]\ndomain = \"api.test\"\nports = [443]\nprotocols = [\"tcp\"]\n",
+            "policy.toml",
+        )
+        .unwrap();
+        let s = setup(policy).await;
+        s.ctx
+            .handle(&s.cfg, &query("api.test."), false)
+            .await
+            .unwrap();
+        let batches = s.writer.batches.lock().unwrap().clone();
+        assert_eq!(
+            batches[0][0].key,
+            ElementKey::AddrPort(
+                "198.51.100.7".parse().unwrap(),
+                portcullis_policy::Protocol::Tcp,
+                443
+            )
+        );
+        assert_eq!(batches[0].len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_upstream_is_a_prompt_servfail() {
+        let policy = allow(&["ok.test"]);
+        let writer = Arc::new(Recorder::default());
+        let ctx = SandboxCtx::new("t".into(), vec![], Arc::new(policy), writer);
+        // A bound socket that never answers: the attempt times out.
+        let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let cfg = RelayConfig {
+            upstreams: vec![silent.local_addr().unwrap()],
+            upstream_timeout: Duration::from_millis(200),
+            ..RelayConfig::default()
+        };
+        let reply = ctx.handle(&cfg, &query("ok.test."), false).await.unwrap();
+        assert_eq!(rcode(&reply), ResponseCode::ServFail);
+    }
+}
