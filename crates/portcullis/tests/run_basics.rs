@@ -262,3 +262,45 @@ fn forwarding_is_enabled_only_for_the_run_and_restored_after() {
         "the guard table and state are gone"
     );
 }
+
+#[test]
+fn a_truncated_answer_falls_back_to_tcp_and_opens_its_addresses() {
+    let world = World::new(
+        &zone()
+            .a(
+                "big.test",
+                "198.51.100.30".parse::<std::net::Ipv4Addr>().unwrap(),
+                300,
+            )
+            .truncated("big.test"),
+    );
+    world.serve_http(80);
+    // dig retries over TCP on a truncated answer, as any stub resolver does; the relay passes
+    // the truncated UDP answer through and answers the TCP retry in full.
+    let out = run(
+        &world,
+        &["--allow", "big.test"],
+        &[
+            "sh",
+            "-c",
+            "dig +short +time=3 +tries=1 big.test A && curl -sS --max-time 5 http://198.51.100.30/",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stdout(&out).starts_with("198.51.100.30\n"),
+        "the full answer arrived over TCP"
+    );
+    assert!(stdout(&out).contains("hello"), "its address is open");
+    let transports: Vec<String> = world
+        .dns_log()
+        .into_iter()
+        .filter(|q| q.name == "big.test")
+        .map(|q| q.transport)
+        .collect();
+    assert_eq!(
+        transports,
+        vec!["udp", "tcp"],
+        "UDP first, then the TCP retry upstream"
+    );
+}
