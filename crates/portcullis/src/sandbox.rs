@@ -10,9 +10,11 @@ use anyhow::{Context as _, anyhow};
 use portcullis_kernel::addrpool;
 use portcullis_kernel::link;
 use portcullis_kernel::names::{GLOBAL_TABLE, SandboxId};
+use portcullis_kernel::nft::sets::NetlinkSetWriter;
 use portcullis_kernel::nft::{apply, ruleset};
 use portcullis_kernel::state::{GlobalLock, Lease, SandboxRecord, StateDir};
 use portcullis_kernel::sysctl::Forwarding;
+use std::sync::Arc;
 
 /// Removes every leftover of dead sandboxes in this namespace; returns what it removed.
 /// With `scan`, also objects with our prefix that no record names (a state directory removed
@@ -125,6 +127,7 @@ pub struct Sandbox {
     pub addressing: ruleset::Addressing,
     pub state: StateDir,
     lease: Option<Lease>,
+    netlink: Arc<NetlinkSetWriter>,
     torn_down: bool,
 }
 
@@ -137,6 +140,7 @@ impl Sandbox {
         pool4: ipnet::Ipv4Net,
         pool6: ipnet::Ipv6Net,
         netns: &std::path::Path,
+        netlink: Arc<NetlinkSetWriter>,
     ) -> anyhow::Result<Self> {
         let lock: GlobalLock = state.lock()?;
         for what in cleanup_stale(state, false) {
@@ -163,6 +167,7 @@ impl Sandbox {
             addressing,
             state: state.clone(),
             lease: Some(lease),
+            netlink,
             torn_down: false,
         };
         enable_forwarding(state)?;
@@ -199,8 +204,12 @@ impl Sandbox {
         }
         self.torn_down = true;
         let mut errors = Vec::new();
-        if let Err(e) = apply::delete_table(&self.id.table()) {
-            errors.push(e.to_string());
+        // Over the netlink socket already open (no process to start at exit); `nft` only
+        // where that fails, so teardown never hangs on a single path.
+        if let Err(e) = self.netlink.delete_table(&self.id.table())
+            && let Err(e2) = apply::delete_table(&self.id.table())
+        {
+            errors.push(format!("{e}; then {e2}"));
         }
         if let Err(e) = link::delete_link(&self.id.host_ifname()) {
             errors.push(e.to_string());

@@ -14,13 +14,19 @@ use std::os::fd::AsRawFd as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    DefaultNla, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload, Nla as _,
+    NlasIterator,
+};
 use netlink_packet_netfilter::nftables::{
     DataAttribute, ListAttribute, NfTablesMessage, SetElementAttribute, SetElementList,
     SetElementMessage,
 };
+use netlink_packet_netfilter::nftables::{TableAttribute, TableMessage};
 use netlink_packet_netfilter::none::ControlMessage;
-use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
+use netlink_packet_netfilter::{
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use portcullis_policy::Protocol;
 
@@ -164,26 +170,25 @@ fn control(msg: ControlMessage, seq: u32) -> NetlinkMessage<NetfilterMessage> {
     m
 }
 
-/// Encodes one batch; returns the bytes and the sequence numbers that await an ACK.
-fn encode_batch(table: &str, elements: &[Element], first_seq: u32) -> (Vec<u8>, Vec<u32>) {
+/// One batch adding `elements`: one NEWSETELEM per set touched, each acknowledged.
+fn encode_batch(table: &str, elements: &[Element]) -> Vec<NetlinkMessage<NetfilterMessage>> {
     let mut by_set: Vec<(&'static str, Vec<ListAttribute<SetElementAttribute>>)> = Vec::new();
     for e in elements {
         let set = e.key.set_name();
         let attrs = vec![
             SetElementAttribute::Key(DataAttribute::Value(e.key.key_bytes())),
             // The kernel takes the timeout in milliseconds; nft sets refuse a zero timeout.
-            SetElementAttribute::Timeout(e.timeout.as_millis().clamp(1000, u64::MAX as u128) as u64),
+            SetElementAttribute::Timeout(
+                e.timeout.as_millis().clamp(1000, u128::from(u64::MAX)) as u64
+            ),
         ];
         match by_set.iter_mut().find(|(s, _)| *s == set) {
             Some((_, list)) => list.push(ListAttribute::Element(attrs)),
             None => by_set.push((set, vec![ListAttribute::Element(attrs)])),
         }
     }
-    let mut seq = first_seq;
-    let mut msgs = vec![control(ControlMessage::BatchBegin, seq)];
-    let mut awaited = Vec::new();
+    let mut msgs = vec![control(ControlMessage::BatchBegin, 0)];
     for (set, list) in by_set {
-        seq = seq.wrapping_add(1);
         let mut m = NetlinkMessage::from(NetfilterMessage::new(
             NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
             NfTablesMessage::NewSetElement(SetElementMessage {
@@ -195,45 +200,45 @@ fn encode_batch(table: &str, elements: &[Element], first_seq: u32) -> (Vec<u8>, 
             }),
         ));
         m.header.flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK;
-        m.header.sequence_number = seq;
-        awaited.push(seq);
         msgs.push(m);
     }
-    msgs.push(control(ControlMessage::BatchEnd, seq.wrapping_add(1)));
-    let mut bytes = Vec::new();
-    for mut m in msgs {
-        m.finalize();
-        let start = bytes.len();
-        bytes.resize(start + m.buffer_len(), 0);
-        m.serialize(&mut bytes[start..]);
-    }
-    (bytes, awaited)
+    msgs.push(control(ControlMessage::BatchEnd, 0));
+    msgs
 }
 
-impl SetWriter for NetlinkSetWriter {
-    fn add(&self, table: &str, elements: &[Element]) -> Result<()> {
-        if elements.is_empty() {
-            return Ok(());
-        }
-        let what = || {
-            format!(
-                "add {} elements to the sets of table {table}",
-                elements.len()
-            )
-        };
+impl NetlinkSetWriter {
+    /// Sends `msgs` (sequence numbers assigned here) and waits until every message that asked
+    /// for an acknowledgement got one. Returns the other replies (answers to GET requests).
+    fn transact(
+        &self,
+        mut msgs: Vec<NetlinkMessage<NetfilterMessage>>,
+        what: &dyn Fn() -> String,
+    ) -> Result<Vec<NetlinkMessage<NetfilterMessage>>> {
         let mut inner = self
             .inner
             .lock()
-            .map_err(|_| Error::Other(format!("{}: writer poisoned", what())))?;
-        let first = inner.seq;
-        let (bytes, mut awaited) = encode_batch(table, elements, first);
-        inner.seq = first.wrapping_add(awaited.len() as u32 + 2);
+            .map_err(|_| Error::Other(format!("{}: netlink socket poisoned", what())))?;
+        let mut awaited = Vec::new();
+        let mut bytes = Vec::new();
+        for m in &mut msgs {
+            let seq = inner.seq;
+            inner.seq = inner.seq.wrapping_add(1);
+            m.header.sequence_number = seq;
+            if m.header.flags & NLM_F_ACK != 0 {
+                awaited.push(seq);
+            }
+            m.finalize();
+            let start = bytes.len();
+            bytes.resize(start + m.buffer_len(), 0);
+            m.serialize(&mut bytes[start..]);
+        }
         inner
             .socket
             .send(&bytes, 0)
             .map_err(|e| Error::io(what(), e))?;
         let Inner { socket, buf, .. } = &mut *inner;
         let mut failure = None;
+        let mut replies = Vec::new();
         while !awaited.is_empty() {
             let n = match socket.recv(&mut &mut buf[..], 0) {
                 Ok(n) => n,
@@ -257,11 +262,14 @@ impl SetWriter for NetlinkSetWriter {
                 }
                 off += (len + 3) & !3;
                 let seq = msg.header.sequence_number;
-                if let NetlinkPayload::Error(err) = msg.payload {
-                    awaited.retain(|s| *s != seq);
-                    if err.code.is_some() && failure.is_none() {
-                        failure = Some(err.to_io());
+                match msg.payload {
+                    NetlinkPayload::Error(err) => {
+                        awaited.retain(|s| *s != seq);
+                        if err.code.is_some() && failure.is_none() {
+                            failure = Some(err.to_io());
+                        }
                     }
+                    _ => replies.push(msg),
                 }
             }
         }
@@ -270,8 +278,95 @@ impl SetWriter for NetlinkSetWriter {
                 what: what(),
                 source,
             }),
-            None => Ok(()),
+            None => Ok(replies),
         }
+    }
+
+    /// Deletes an `inet` table in one acknowledged batch; a table already gone is not an error.
+    /// (Teardown path: no `nft` process, so no dependency on it at exit.)
+    pub fn delete_table(&self, table: &str) -> Result<()> {
+        let mut del = NetlinkMessage::from(NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
+            NfTablesMessage::DeleteTable(TableMessage {
+                attributes: vec![TableAttribute::Name(table.to_owned())],
+            }),
+        ));
+        del.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        let msgs = vec![
+            control(ControlMessage::BatchBegin, 0),
+            del,
+            control(ControlMessage::BatchEnd, 0),
+        ];
+        match self.transact(msgs, &|| format!("delete nft table inet {table}")) {
+            Err(Error::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            other => other.map(drop),
+        }
+    }
+
+    /// Packets counted by the named counter object `counter` of `inet` table `table`.
+    pub fn counter_packets(&self, table: &str, counter: &str) -> Result<u64> {
+        const NFTA_OBJ_TABLE: u16 = 1;
+        const NFTA_OBJ_NAME: u16 = 2;
+        const NFTA_OBJ_TYPE: u16 = 3;
+        const NFTA_OBJ_DATA: u16 = 4;
+        const NFT_OBJECT_COUNTER: u32 = 1;
+        const NFTA_COUNTER_PACKETS: u16 = 2;
+        let cstr = |s: &str| {
+            let mut v = s.as_bytes().to_vec();
+            v.push(0);
+            v
+        };
+        let mut get = NetlinkMessage::from(NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
+            NfTablesMessage::GetObject(vec![
+                DefaultNla::new(NFTA_OBJ_TABLE, cstr(table)),
+                DefaultNla::new(NFTA_OBJ_NAME, cstr(counter)),
+                DefaultNla::new(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER.to_be_bytes().to_vec()),
+            ]),
+        ));
+        get.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        let what = || format!("read counter {counter} of table {table}");
+        for reply in self.transact(vec![get], &what)? {
+            let NetlinkPayload::InnerMessage(NetfilterMessage {
+                inner: NetfilterMessageInner::NfTables(NfTablesMessage::NewObject(nlas)),
+                ..
+            }) = reply.payload
+            else {
+                continue;
+            };
+            for nla in nlas.iter().filter(|n| n.kind() & 0x3fff == NFTA_OBJ_DATA) {
+                let mut data = vec![0u8; nla.value_len()];
+                nla.emit_value(&mut data);
+                for inner in NlasIterator::new(&data[..]).flatten() {
+                    if inner.kind() & 0x3fff == NFTA_COUNTER_PACKETS
+                        && let Ok(b) = <[u8; 8]>::try_from(inner.value())
+                    {
+                        return Ok(u64::from_be_bytes(b));
+                    }
+                }
+            }
+        }
+        Err(Error::Other(format!(
+            "{}: no packet count in the kernel's answer",
+            what()
+        )))
+    }
+}
+
+impl SetWriter for NetlinkSetWriter {
+    fn add(&self, table: &str, elements: &[Element]) -> Result<()> {
+        if elements.is_empty() {
+            return Ok(());
+        }
+        self.transact(encode_batch(table, elements), &|| {
+            format!(
+                "add {} elements to the sets of table {table}",
+                elements.len()
+            )
+        })
+        .map(drop)
     }
 }
 
@@ -306,9 +401,15 @@ mod tests {
                 timeout: Duration::from_secs(60),
             },
         ];
-        let (bytes, awaited) = encode_batch("portcullis_0a1b2c3d", &els, 7);
-        assert_eq!(awaited, vec![8, 9, 10]);
-        assert!(!bytes.is_empty());
+        let msgs = encode_batch("portcullis_0a1b2c3d", &els);
+        // BEGIN, allow4, allow6, allow4p, END; every element message asks for an ACK.
+        assert_eq!(msgs.len(), 5);
+        assert_eq!(
+            msgs.iter()
+                .filter(|m| m.header.flags & NLM_F_ACK != 0)
+                .count(),
+            3
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context as _;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use portcullis_kernel::names::SandboxId;
+use portcullis_kernel::names::{COUNTER_BLOCKED, SandboxId};
 use portcullis_kernel::nflog::{BlockedPacket, NflogGroup};
 use portcullis_kernel::nft::apply;
 use portcullis_kernel::nft::ruleset::{RelayPorts, SandboxRules, StaticAllow, sandbox_ruleset};
@@ -125,7 +125,8 @@ pub fn run(args: RunArgs, state_dir: Option<PathBuf>, _verbose: u8) -> Result<i3
         .build()
         .context("start the relay runtime")
         .code(FAILED)?;
-    let writer: Arc<dyn SetWriter> = Arc::new(NetlinkSetWriter::open().code(FAILED)?);
+    let netlink = Arc::new(NetlinkSetWriter::open().code(FAILED)?);
+    let writer: Arc<dyn SetWriter> = netlink.clone();
 
     let id = SandboxId::random();
     let resolv_path = state.resolv_conf(&id);
@@ -162,6 +163,7 @@ pub fn run(args: RunArgs, state_dir: Option<PathBuf>, _verbose: u8) -> Result<i3
         opts.pool4,
         opts.pool6,
         &helper.netns_path(),
+        netlink.clone(),
     )
     .code(FAILED)?;
     aborted(&signals)?;
@@ -254,7 +256,9 @@ pub fn run(args: RunArgs, state_dir: Option<PathBuf>, _verbose: u8) -> Result<i3
     let code = helper.wait().code(FAILED)?;
 
     // CMD is gone: read what the kernel counted before the table goes, then tear down.
-    let blocked = apply::blocked_packets(&id).unwrap_or(0);
+    let blocked = netlink
+        .counter_packets(&id.table(), COUNTER_BLOCKED)
+        .unwrap_or(0);
     // The reader notices `stop` within its receive timeout; nobody waits for it.
     stop.store(true, Ordering::Relaxed);
     drop(reader);
