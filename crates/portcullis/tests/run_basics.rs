@@ -304,3 +304,58 @@ fn a_truncated_answer_falls_back_to_tcp_and_opens_its_addresses() {
         "UDP first, then the TCP retry upstream"
     );
 }
+
+#[test]
+fn verbose_shows_decisions_live_and_json_logs_are_one_object_per_line() {
+    let world = World::new(&zone());
+    world.serve_http(80);
+    let script = "curl -sS --max-time 5 http://ok.test/ >/dev/null; \
+                  dig +short +tries=1 +time=3 denied.test >/dev/null; \
+                  curl -sS --max-time 1 http://198.51.100.99/ 2>/dev/null; exit 0";
+    let out = run(&world, &["-v", "--allow", "ok.test"], &["sh", "-c", script]);
+    let err = stderr(&out);
+    assert!(
+        err.lines()
+            .any(|l| l.contains("allowed") && l.contains("ok.test")),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("denied") && l.contains("denied.test")),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("blocked") && l.contains("198.51.100.99")),
+        "{err}"
+    );
+
+    let out = run(
+        &world,
+        &["-v", "--log-format", "json", "--allow", "ok.test"],
+        &["sh", "-c", script],
+    );
+    let events: Vec<serde_json::Value> = stderr(&out)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["message"] == "allowed" && e["name"] == "ok.test"),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["message"] == "denied" && e["name"] == "denied.test"),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["message"] == "blocked" && e["destination"] == "198.51.100.99"),
+        "{events:?}"
+    );
+}
