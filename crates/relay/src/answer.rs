@@ -250,6 +250,26 @@ mod tests {
     }
 
     #[test]
+    fn names_over_255_bytes_are_never_accepted() {
+        // Five 63-byte labels: 320 bytes on the wire, built by hand since no encoder makes it.
+        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for _ in 0..5 {
+            q.push(63);
+            q.extend(std::iter::repeat_n(b'a', 63));
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        match parse_query(&q) {
+            Err(Rejection::Reply(r)) => {
+                assert_eq!(
+                    Message::from_vec(&r).unwrap().metadata.response_code,
+                    ResponseCode::FormErr
+                )
+            }
+            other => panic!("a 320-byte name was accepted: {other:?}"),
+        }
+    }
+
+    #[test]
     fn ttls_are_capped_only_when_needed() {
         let m = answer(vec![Record::from_rdata(
             name("www.a.test."),
