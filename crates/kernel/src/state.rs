@@ -220,3 +220,54 @@ impl StateDir {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_marks_its_sandbox_alive_until_it_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(Some(dir.path().join("net-1"))).unwrap();
+        let id = SandboxId::parse("0a1b2c3d").unwrap();
+        let record = SandboxRecord {
+            id: id.clone(),
+            pid: std::process::id(),
+            addressing: None,
+            nflog_group: Some(7),
+        };
+        let lock = state.lock().unwrap();
+        let lease = state.create(&record).unwrap();
+        drop(lock);
+        let seen = state.sandboxes().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert!(seen[0].1, "the owner holds its lease");
+        assert_eq!(seen[0].0.nflog_group, Some(7));
+        // A killed owner's lease is released by the kernel, like this drop.
+        drop(lease);
+        assert!(!state.is_alive(&id));
+        state.remove(&id);
+        let lock = state.lock().unwrap();
+        state.remove_if_empty();
+        drop(lock);
+        assert!(
+            !dir.path().join("net-1").exists(),
+            "an empty state directory is removed"
+        );
+    }
+
+    #[test]
+    fn forwarding_values_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(Some(dir.path().to_owned())).unwrap();
+        assert!(state.saved_forwarding().is_none());
+        let f = Forwarding {
+            ipv4: false,
+            ipv6: true,
+        };
+        state.save_forwarding(&f).unwrap();
+        assert_eq!(state.saved_forwarding(), Some(f));
+        state.forget_forwarding();
+        assert!(state.saved_forwarding().is_none());
+    }
+}
