@@ -8,6 +8,7 @@
 //! can serve many); sockets live in `server`; DNS message logic in `answer` is pure.
 
 pub mod answer;
+pub mod cache;
 pub mod sandbox;
 pub mod server;
 pub mod upstream;

@@ -16,6 +16,7 @@ use portcullis_policy::{Access, Decision, DomainName, Policy};
 use serde::Serialize;
 
 use crate::answer::{self, Rejection};
+use crate::cache::AnswerCache;
 use crate::upstream;
 
 /// Added to every element's timeout: a client may connect at the very end of the TTL.
@@ -75,6 +76,7 @@ pub struct SandboxCtx {
     expiry: Mutex<HashMap<ElementKey, Instant>>,
     inserts: AtomicU64,
     report: Mutex<DnsReport>,
+    cache: Arc<AnswerCache>,
 }
 
 fn shown(name: &hickory_proto::rr::Name) -> String {
@@ -97,7 +99,14 @@ impl SandboxCtx {
             expiry: Mutex::new(HashMap::new()),
             inserts: AtomicU64::new(0),
             report: Mutex::new(DnsReport::default()),
+            cache: Arc::default(),
         }
+    }
+
+    /// Shares one answer cache between sandboxes (a daemon's relay).
+    pub fn with_cache(mut self, cache: Arc<AnswerCache>) -> Self {
+        self.cache = cache;
+        self
     }
 
     /// A copy of the report so far.
@@ -131,13 +140,21 @@ impl SandboxCtx {
             Ok(Decision::Allow(a)) => a,
             _ => return Some(self.deny(cfg, &q, id, name)),
         };
-        let (msg, raw) = match upstream::forward(cfg, &q, bytes, tcp).await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(target: "portcullis::dns", name = %name, error = %e, "upstream failed: SERVFAIL");
-                self.note(|r| *r.failed.entry(name).or_default() += 1);
-                return Some(answer::error_reply(id, Some(&q), ResponseCode::ServFail));
-            }
+        // A cached answer saves the upstream round trip; its addresses still go through
+        // `open` below before it is released, like a fresh answer's.
+        let (msg, raw) = match self.cache.lookup(&q.message, tcp) {
+            Some(hit) => (hit, None),
+            None => match upstream::forward(cfg, &q, bytes, tcp).await {
+                Ok((msg, raw)) => {
+                    self.cache.store(&q.message, &msg);
+                    (msg, Some(raw))
+                }
+                Err(e) => {
+                    tracing::warn!(target: "portcullis::dns", name = %name, error = %e, "upstream failed: SERVFAIL");
+                    self.note(|r| *r.failed.entry(name).or_default() += 1);
+                    return Some(answer::error_reply(id, Some(&q), ResponseCode::ServFail));
+                }
+            },
         };
         let bound = answer::bound_addresses(&msg, &q.name);
         // A chain through an explicitly denied name opens nothing: deny wins everywhere.
@@ -161,9 +178,10 @@ impl SandboxCtx {
             }
             *r.allowed.entry(name).or_default() += 1;
         });
-        match answer::cap_ttls(&msg, cfg.max_ttl) {
-            Some(m) => m.to_vec().ok(),
-            None => Some(raw),
+        match (answer::cap_ttls(&msg, cfg.max_ttl), raw) {
+            (Some(m), _) => m.to_vec().ok(),
+            (None, Some(raw)) => Some(raw),
+            (None, None) => msg.to_vec().ok(),
         }
     }
 
@@ -197,10 +215,12 @@ impl SandboxCtx {
                 let keys = access_keys(access, *addr);
                 for key in keys {
                     // Re-adding an element replaces its timeout even with a shorter one, so
-                    // only ever write when the new expiry is later than the live one.
+                    // only ever write a later expiry; and skip refreshes that extend it by no
+                    // more than GRACE (a repeated answer asked a moment later): the element
+                    // then still outlives the TTL the client was given.
                     if expiry
                         .get(&key)
-                        .is_some_and(|until| *until >= now + timeout)
+                        .is_some_and(|until| *until + GRACE >= now + timeout)
                     {
                         continue;
                     }
@@ -352,29 +372,72 @@ mod tests {
     #[tokio::test]
     async fn a_shorter_answer_never_shortens_a_live_element() {
         let s = setup(allow(&["ok.test"])).await;
+        let any = Access {
+            any_port: true,
+            ports: Default::default(),
+        };
+        let addr: IpAddr = "198.51.100.7".parse().unwrap();
+        for ttl in [100, 10, 100, 500] {
+            s.ctx.open(&s.cfg, &any, &[(addr, ttl)]).unwrap();
+        }
+        let batches = s.writer.batches.lock().unwrap().clone();
+        let timeouts: Vec<u64> = batches.iter().map(|b| b[0].timeout.as_secs()).collect();
+        // 100 s (+1 s grace) written; 10 s skipped (it would shorten); the same 100 s a moment
+        // later skipped (nothing to gain); 500 s written.
+        assert_eq!(timeouts, vec![101, 501]);
+        assert_eq!(batches[0][0].key, ElementKey::Addr(addr));
+    }
+
+    #[tokio::test]
+    async fn a_cached_answer_skips_the_upstream_but_not_the_sets() {
+        let s = setup(allow(&["ok.test"])).await;
+        s.ctx
+            .handle(&s.cfg, &query("ok.test."), false)
+            .await
+            .unwrap();
+        let reply = s
+            .ctx
+            .handle(&s.cfg, &query("OK.test."), false)
+            .await
+            .unwrap();
+        let m = Message::from_vec(&reply).unwrap();
+        assert_eq!(m.answers.len(), 1, "answered from the cache");
+        assert_eq!(
+            s.seen.load(Ordering::SeqCst),
+            1,
+            "the upstream was asked once"
+        );
+        // The element written for the first answer is still live, so the hit wrote nothing;
+        // once the sets refuse, a hit fails closed like a fresh answer.
+        assert_eq!(s.writer.batches.lock().unwrap().len(), 1);
+        s.ctx.expiry.lock().unwrap().clear();
+        s.writer.fail.store(true, Ordering::SeqCst);
         let reply = s
             .ctx
             .handle(&s.cfg, &query("ok.test."), false)
             .await
             .unwrap();
-        assert_eq!(rcode(&reply), ResponseCode::NoError);
-        s.ttl.store(10, Ordering::SeqCst);
-        s.ctx
+        assert_eq!(rcode(&reply), ResponseCode::ServFail);
+    }
+
+    #[tokio::test]
+    async fn ttls_above_max_ttl_reach_the_client_lowered() {
+        let s = setup(allow(&["ok.test"])).await;
+        s.ttl.store(200_000, Ordering::SeqCst);
+        let reply = s
+            .ctx
             .handle(&s.cfg, &query("ok.test."), false)
             .await
             .unwrap();
-        s.ttl.store(500, Ordering::SeqCst);
-        s.ctx
-            .handle(&s.cfg, &query("ok.test."), false)
-            .await
-            .unwrap();
-        let batches = s.writer.batches.lock().unwrap().clone();
-        let timeouts: Vec<u64> = batches.iter().map(|b| b[0].timeout.as_secs()).collect();
-        // 100 s (+1 s grace) written; 10 s skipped (it would shorten); 500 s written.
-        assert_eq!(timeouts, vec![101, 501]);
+        let m = Message::from_vec(&reply).unwrap();
         assert_eq!(
-            batches[0][0].key,
-            ElementKey::Addr("198.51.100.7".parse().unwrap())
+            m.answers[0].ttl, s.cfg.max_ttl,
+            "no client caches longer than its element lives"
+        );
+        let batches = s.writer.batches.lock().unwrap().clone();
+        assert_eq!(
+            batches[0][0].timeout.as_secs(),
+            u64::from(s.cfg.max_ttl) + 1
         );
     }
 
