@@ -10,7 +10,7 @@ use crate::exit::Failure;
 /// Runs the subcommand and returns the process's exit code.
 pub fn dispatch(cli: Cli) -> Result<i32, Failure> {
     match cli.command {
-        Command::Run(args) => run::run(args, cli.state_dir, cli.verbose),
+        Command::Run(args) => run::run(args, cli.state_dir),
         Command::Cleanup => cleanup::cleanup(cli.state_dir),
         Command::Completions { shell } => docs::completions(shell),
         Command::Man => docs::man(),

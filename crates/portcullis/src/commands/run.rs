@@ -110,7 +110,7 @@ fn nflog_candidates(id: &SandboxId) -> impl Iterator<Item = u16> {
     (0..256u16).map(move |i| 0x7000 + (base.wrapping_add(i * 17) % 0x8000))
 }
 
-pub fn run(args: RunArgs, state_dir: Option<PathBuf>, _verbose: u8) -> Result<i32, Failure> {
+pub fn run(args: RunArgs, state_dir: Option<PathBuf>) -> Result<i32, Failure> {
     let opts = RunOptions::from_args(args).code(USAGE)?;
     require_privileges()?;
     find_command(&opts.cmd[0])?;
