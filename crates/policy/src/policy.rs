@@ -242,6 +242,12 @@ impl Policy {
     /// Parses a policy file (format in the module documentation). Allow
     /// rules come first in `rules`, then deny rules, each in file order.
     pub fn from_toml_str(text: &str, file_label: &str) -> Result<Policy, PolicyError> {
+        Self::rules_from_toml_str(text, file_label).map(Policy::new)
+    }
+
+    /// The rules of a policy file, without compiling matchers: for callers that gather rules
+    /// from several sources and compile once with `Policy::new`.
+    pub fn rules_from_toml_str(text: &str, file_label: &str) -> Result<Vec<Rule>, PolicyError> {
         let source = Source { text, file_label };
         let file: PolicyFile = toml::from_str(text).map_err(|e| {
             // One line: toml's messages may span several.
@@ -266,11 +272,16 @@ impl Policy {
                 table_rules(&source, action, table, &mut rules)?;
             }
         }
-        Ok(Policy::new(rules))
+        Ok(rules)
     }
 
     /// Parses an allow list: one pattern, address or CIDR per line.
     pub fn from_allow_list(text: &str, file_label: &str) -> Result<Policy, PolicyError> {
+        Self::rules_from_allow_list(text, file_label).map(Policy::new)
+    }
+
+    /// The rules of an allow list, without compiling matchers (see `rules_from_toml_str`).
+    pub fn rules_from_allow_list(text: &str, file_label: &str) -> Result<Vec<Rule>, PolicyError> {
         let source = Source { text, file_label };
         let mut rules = Vec::new();
         let mut offset = 0;
@@ -284,7 +295,7 @@ impl Policy {
             }
             offset += line.len();
         }
-        Ok(Policy::new(rules))
+        Ok(rules)
     }
 
     /// Both policies' rules, `self`'s first.
