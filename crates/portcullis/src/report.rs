@@ -30,6 +30,8 @@ pub struct Report {
     pub blocked_flows: Vec<BlockedFlow>,
     pub blocked_packets: u64,
     pub malformed_queries: u64,
+    /// DNS events counted but not itemised: the per-name lists are bounded.
+    pub unlisted_dns_events: u64,
     /// `--allow` arguments that would have let the denied names and blocked flows through.
     pub suggested_allow: Vec<String>,
 }
@@ -118,6 +120,7 @@ impl Report {
             blocked_flows,
             blocked_packets,
             malformed_queries: dns.malformed,
+            unlisted_dns_events: dns.unlisted,
             suggested_allow: suggested,
         }
     }
@@ -157,6 +160,14 @@ impl Report {
                 s,
                 "  blocked  {} ({} packet(s); {})",
                 f.destination, f.packets, f.reason
+            );
+        }
+        if self.unlisted_dns_events > 0 {
+            let _ = writeln!(
+                s,
+                "  ({} more DNS events not itemised: the lists keep the first {} names)",
+                self.unlisted_dns_events,
+                portcullis_relay::sandbox::MAX_REPORT_ENTRIES
             );
         }
         if !self.suggested_allow.is_empty() {

@@ -62,6 +62,23 @@ pub struct DnsReport {
     /// Which names' answers held each address.
     #[serde(skip)]
     pub names_of: HashMap<IpAddr, BTreeSet<String>>,
+    /// Events not itemised because a map above was full (see `MAX_REPORT_ENTRIES`).
+    pub unlisted: u64,
+}
+
+/// Distinct names (and addresses) a report itemises per map: a job asking for endless unique
+/// names (random subdomains, a benchmark) must not grow the relay's memory without bound.
+pub const MAX_REPORT_ENTRIES: usize = 10_000;
+
+impl DnsReport {
+    /// Counts one event for `name` in `map`, or in `unlisted` once the map is full.
+    fn count(map: &mut BTreeMap<String, u64>, unlisted: &mut u64, name: String) {
+        if map.len() < MAX_REPORT_ENTRIES || map.contains_key(&name) {
+            *map.entry(name).or_default() += 1;
+        } else {
+            *unlisted += 1;
+        }
+    }
 }
 
 /// One sandbox, as the relay serves it.
@@ -151,7 +168,7 @@ impl SandboxCtx {
                 }
                 Err(e) => {
                     tracing::warn!(target: "portcullis::dns", name = %name, error = %e, "upstream failed: SERVFAIL");
-                    self.note(|r| *r.failed.entry(name).or_default() += 1);
+                    self.note(|r| DnsReport::count(&mut r.failed, &mut r.unlisted, name));
                     return Some(answer::error_reply(id, Some(&q), ResponseCode::ServFail));
                 }
             },
@@ -168,15 +185,21 @@ impl SandboxCtx {
         }
         if let Err(e) = self.open(cfg, &access, &bound.addrs) {
             tracing::error!(target: "portcullis::dns", name = %name, error = %e, "set insertion failed: SERVFAIL");
-            self.note(|r| *r.failed.entry(name).or_default() += 1);
+            self.note(|r| DnsReport::count(&mut r.failed, &mut r.unlisted, name));
             return Some(answer::error_reply(id, Some(&q), ResponseCode::ServFail));
         }
         tracing::info!(target: "portcullis::dns", name = %name, qtype = %q.qtype, addresses = bound.addrs.len(), "allowed");
         self.note(|r| {
             for (a, _) in &bound.addrs {
-                r.names_of.entry(*a).or_default().insert(name.clone());
+                if r.names_of.len() < MAX_REPORT_ENTRIES || r.names_of.contains_key(a) {
+                    let names = r.names_of.entry(*a).or_default();
+                    // Shared addresses (CDNs) collect names; a few are enough to explain a flow.
+                    if names.len() < 8 {
+                        names.insert(name.clone());
+                    }
+                }
             }
-            *r.allowed.entry(name).or_default() += 1;
+            DnsReport::count(&mut r.allowed, &mut r.unlisted, name);
         });
         match (answer::cap_ttls(&msg, cfg.max_ttl), raw) {
             (Some(m), _) => m.to_vec().ok(),
@@ -187,7 +210,7 @@ impl SandboxCtx {
 
     fn deny(&self, cfg: &RelayConfig, q: &answer::Query, id: u16, name: String) -> Vec<u8> {
         tracing::info!(target: "portcullis::dns", name = %name, qtype = %q.qtype, "denied");
-        self.note(|r| *r.denied.entry(name).or_default() += 1);
+        self.note(|r| DnsReport::count(&mut r.denied, &mut r.unlisted, name));
         answer::error_reply(id, Some(q), cfg.deny_rcode)
     }
 
@@ -438,6 +461,21 @@ mod tests {
         assert_eq!(
             batches[0][0].timeout.as_secs(),
             u64::from(s.cfg.max_ttl) + 1
+        );
+    }
+
+    #[test]
+    fn report_maps_stay_bounded() {
+        let mut r = DnsReport::default();
+        for i in 0..MAX_REPORT_ENTRIES + 5 {
+            DnsReport::count(&mut r.allowed, &mut r.unlisted, format!("n{i}.test"));
+        }
+        DnsReport::count(&mut r.allowed, &mut r.unlisted, "n0.test".into());
+        assert_eq!(r.allowed.len(), MAX_REPORT_ENTRIES);
+        assert_eq!(r.unlisted, 5);
+        assert_eq!(
+            r.allowed["n0.test"], 2,
+            "names already listed keep counting"
         );
     }
 
