@@ -125,6 +125,43 @@ pub fn bound_addresses(answer: &Message, qname: &Name) -> Bound {
     bound
 }
 
+/// Addresses that no DNS answer may open, whatever name it is for: loopback, link-local (the
+/// cloud metadata service, 169.254.169.254, lives there), unspecified, multicast, broadcast,
+/// the reserved 0/8 and 240/4, and IPv4-mapped IPv6 (a v4 address in disguise). A name that
+/// resolves to one of them is DNS rebinding, not a destination; a CIDR rule can still allow
+/// such an address explicitly.
+pub fn never_by_name(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            a.is_loopback()
+                || a.is_link_local()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || a.is_broadcast()
+                || a.octets()[0] == 0
+                || a.octets()[0] >= 240
+        }
+        IpAddr::V6(a) => {
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || (a.segments()[0] & 0xffc0) == 0xfe80
+                || a.to_ipv4_mapped().is_some()
+        }
+    }
+}
+
+/// The answer without the A/AAAA records holding any of `addrs`.
+pub fn strip_addresses(answer: &Message, addrs: &[IpAddr]) -> Message {
+    let mut m = answer.clone();
+    m.answers.retain(|r| match &r.data {
+        RData::A(a) => !addrs.contains(&IpAddr::V4(a.0)),
+        RData::AAAA(a) => !addrs.contains(&IpAddr::V6(a.0)),
+        _ => true,
+    });
+    m
+}
+
 /// Checks that `answer` is a response to `query` (same ID and question).
 pub fn matches_query(answer: &Message, query: &Query) -> bool {
     answer.metadata.message_type == MessageType::Response
@@ -267,6 +304,46 @@ mod tests {
             }
             other => panic!("a 320-byte name was accepted: {other:?}"),
         }
+    }
+
+    #[test]
+    fn special_addresses_are_never_opened_by_name() {
+        for a in [
+            "169.254.169.254",
+            "127.0.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:198.51.100.7",
+        ] {
+            assert!(never_by_name(&a.parse().unwrap()), "{a}");
+        }
+        for a in [
+            "198.51.100.7",
+            "10.0.0.1",
+            "192.168.1.1",
+            "2001:db8::1",
+            "fd00::1",
+        ] {
+            assert!(!never_by_name(&a.parse().unwrap()), "{a}");
+        }
+        let m = answer(vec![
+            Record::from_rdata(
+                name("www.a.test."),
+                60,
+                RData::A(A("169.254.169.254".parse().unwrap())),
+            ),
+            Record::from_rdata(
+                name("www.a.test."),
+                60,
+                RData::A(A("198.51.100.7".parse().unwrap())),
+            ),
+        ]);
+        let stripped = strip_addresses(&m, &["169.254.169.254".parse().unwrap()]);
+        assert_eq!(stripped.answers.len(), 1);
     }
 
     #[test]

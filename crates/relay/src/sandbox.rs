@@ -62,6 +62,9 @@ pub struct DnsReport {
     /// Which names' answers held each address.
     #[serde(skip)]
     pub names_of: HashMap<IpAddr, BTreeSet<String>>,
+    /// Answers' addresses that no name may open (loopback, link-local, metadata...), as
+    /// "name -> address", with how often they were removed from answers.
+    pub refused_addresses: BTreeMap<String, u64>,
     /// Events not itemised because a map above was full (see `MAX_REPORT_ENTRIES`).
     pub unlisted: u64,
 }
@@ -126,6 +129,13 @@ impl SandboxCtx {
         self
     }
 
+    /// Whether a CIDR rule of the policy allows `ip` explicitly.
+    fn cidr_allows(&self, ip: &IpAddr) -> bool {
+        self.policy
+            .cidr_rules()
+            .any(|r| matches!(&r.target, portcullis_policy::Target::Cidr(net) if net.contains(ip)))
+    }
+
     /// A copy of the report so far.
     pub fn report(&self) -> DnsReport {
         self.report.lock().map(|r| r.clone()).unwrap_or_default()
@@ -183,6 +193,32 @@ impl SandboxCtx {
                 return Some(self.deny(cfg, &q, id, name));
             }
         }
+        // DNS rebinding onto loopback, link-local (cloud metadata) and the like opens
+        // nothing, and those records never reach CMD; a CIDR rule may allow them explicitly.
+        let (refused, addrs): (Vec<(IpAddr, u32)>, Vec<(IpAddr, u32)>) = bound
+            .addrs
+            .iter()
+            .partition(|(ip, _)| answer::never_by_name(ip) && !self.cidr_allows(ip));
+        let (msg, raw) = if refused.is_empty() {
+            (msg, raw)
+        } else {
+            let refused: Vec<IpAddr> = refused.iter().map(|(ip, _)| *ip).collect();
+            tracing::warn!(target: "portcullis::dns", name = %name, addresses = ?refused, "answer points at addresses never opened by name: removed");
+            self.note(|r| {
+                for ip in &refused {
+                    DnsReport::count(
+                        &mut r.refused_addresses,
+                        &mut r.unlisted,
+                        format!("{name} -> {ip}"),
+                    );
+                }
+            });
+            (answer::strip_addresses(&msg, &refused), None)
+        };
+        let bound = answer::Bound {
+            addrs,
+            chain: bound.chain,
+        };
         if let Err(e) = self.open(cfg, &access, &bound.addrs) {
             tracing::error!(target: "portcullis::dns", name = %name, error = %e, "set insertion failed: SERVFAIL");
             self.note(|r| DnsReport::count(&mut r.failed, &mut r.unlisted, name));
@@ -319,7 +355,11 @@ mod tests {
     }
 
     /// Answers every query with one A record, 198.51.100.7, with the current `ttl`.
-    async fn fake_upstream(ttl: Arc<AtomicU32>, seen: Arc<AtomicU64>) -> SocketAddr {
+    async fn fake_upstream(
+        ttl: Arc<AtomicU32>,
+        seen: Arc<AtomicU64>,
+        with: Arc<Mutex<std::net::Ipv4Addr>>,
+    ) -> SocketAddr {
         let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = sock.local_addr().unwrap();
         tokio::spawn(async move {
@@ -333,7 +373,7 @@ mod tests {
                 a.answers.push(Record::from_rdata(
                     name,
                     ttl.load(Ordering::SeqCst),
-                    RData::A(A("198.51.100.7".parse().unwrap())),
+                    RData::A(A(*with.lock().unwrap())),
                 ));
                 sock.send_to(&a.to_vec().unwrap(), peer).await.unwrap();
             }
@@ -357,11 +397,13 @@ mod tests {
         writer: Arc<Recorder>,
         ttl: Arc<AtomicU32>,
         seen: Arc<AtomicU64>,
+        answer_with: Arc<Mutex<std::net::Ipv4Addr>>,
     }
 
     async fn setup(policy: Policy) -> Setup {
         let (ttl, seen) = (Arc::new(AtomicU32::new(100)), Arc::new(AtomicU64::new(0)));
-        let up = fake_upstream(ttl.clone(), seen.clone()).await;
+        let answer_with = Arc::new(Mutex::new("198.51.100.7".parse().unwrap()));
+        let up = fake_upstream(ttl.clone(), seen.clone(), answer_with.clone()).await;
         let writer = Arc::new(Recorder::default());
         let ctx = SandboxCtx::new(
             "portcullis_0a1b2c3d".into(),
@@ -380,6 +422,7 @@ mod tests {
             writer,
             ttl,
             seen,
+            answer_with,
         }
     }
 
@@ -462,6 +505,39 @@ mod tests {
             batches[0][0].timeout.as_secs(),
             u64::from(s.cfg.max_ttl) + 1
         );
+    }
+
+    #[tokio::test]
+    async fn rebinding_onto_the_metadata_address_opens_nothing() {
+        let s = setup(allow(&["ok.test"])).await;
+        *s.answer_with.lock().unwrap() = "169.254.169.254".parse().unwrap();
+        let reply = s
+            .ctx
+            .handle(&s.cfg, &query("ok.test."), false)
+            .await
+            .unwrap();
+        let m = Message::from_vec(&reply).unwrap();
+        assert!(m.answers.is_empty(), "the record was removed");
+        assert!(
+            s.writer.batches.lock().unwrap().is_empty(),
+            "nothing was opened"
+        );
+        assert_eq!(
+            s.ctx
+                .report()
+                .refused_addresses
+                .get("ok.test -> 169.254.169.254"),
+            Some(&1)
+        );
+        // A CIDR rule allows it explicitly.
+        let s = setup(allow(&["ok.test", "169.254.169.254"])).await;
+        *s.answer_with.lock().unwrap() = "169.254.169.254".parse().unwrap();
+        let reply = s
+            .ctx
+            .handle(&s.cfg, &query("ok.test."), false)
+            .await
+            .unwrap();
+        assert_eq!(Message::from_vec(&reply).unwrap().answers.len(), 1);
     }
 
     #[test]
