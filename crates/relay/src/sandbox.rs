@@ -195,7 +195,7 @@ impl SandboxCtx {
         }
         // DNS rebinding onto loopback, link-local (cloud metadata) and the like opens
         // nothing, and those records never reach CMD; a CIDR rule may allow them explicitly.
-        let (refused, addrs): (Vec<(IpAddr, u32)>, Vec<(IpAddr, u32)>) = bound
+        let (refused, addrs): (Vec<_>, Vec<_>) = bound
             .addrs
             .iter()
             .partition(|(ip, _)| answer::never_by_name(ip) && !self.cidr_allows(ip));
