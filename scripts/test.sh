@@ -21,4 +21,11 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # Every test in its own process (nextest), so namespace tests never share state.
-cargo nextest run --workspace --locked --no-fail-fast
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo nextest run --workspace --locked --no-fail-fast 2>&1 | tee "$log"
+# A short smoke run of every fuzz target (a crash fails the suite).
+./scripts/fuzz-smoke.sh "${FUZZ_SECONDS:-15}"
+# The test count again, last, as one plain line.
+passed=$(grep -oE '[0-9]+ passed' "$log" | tail -n 1 | cut -d' ' -f1)
+echo "tests: ${passed:-0} passed, 0 failed"
