@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RecordType};
 
-/// Entries kept at most; beyond it, expired entries go first, then everything.
+/// Entries kept at most; beyond it, expired entries go first, then an arbitrary eighth.
 pub const MAX_ENTRIES: usize = 65_536;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -75,7 +75,12 @@ impl AnswerCache {
             let now = Instant::now();
             map.retain(|_, e| now.duration_since(e.stored) < Duration::from_secs(e.ttl.into()));
             if map.len() >= MAX_ENTRIES {
-                map.clear();
+                // Still full of live entries (a flood of unique names): drop an arbitrary
+                // eighth rather than everything, so the names in use stay cached.
+                let victims: Vec<Key> = map.keys().take(MAX_ENTRIES / 8).cloned().collect();
+                for k in victims {
+                    map.remove(&k);
+                }
             }
         }
         map.insert(

@@ -62,7 +62,9 @@ async fn via_udp(
     let sock = UdpSocket::bind(bind).await.map_err(io)?;
     sock.connect(up).await.map_err(io)?;
     sock.send(raw).await.map_err(io)?;
-    let mut buf = vec![0u8; 65535];
+    // The query goes out as the client sent it, so the upstream answers within the client's
+    // advertised UDP size: no need to zero 64 KiB per query.
+    let mut buf = vec![0u8; crate::cache::client_udp_size(&q.message)];
     loop {
         let n = sock.recv(&mut buf).await.map_err(io)?;
         // A connected socket only hears the upstream; anything that is not the answer to this
