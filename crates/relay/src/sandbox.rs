@@ -400,6 +400,16 @@ mod tests {
         answer_with: Arc<Mutex<std::net::Ipv4Addr>>,
     }
 
+    impl Setup {
+        /// The relay's reply to an A query for `name` over UDP.
+        async fn ask(&self, name: &str) -> Vec<u8> {
+            self.ctx
+                .handle(&self.cfg, &query(name), false)
+                .await
+                .unwrap()
+        }
+    }
+
     async fn setup(policy: Policy) -> Setup {
         let (ttl, seen) = (Arc::new(AtomicU32::new(100)), Arc::new(AtomicU64::new(0)));
         let answer_with = Arc::new(Mutex::new("198.51.100.7".parse().unwrap()));
@@ -457,15 +467,8 @@ mod tests {
     #[tokio::test]
     async fn a_cached_answer_skips_the_upstream_but_not_the_sets() {
         let s = setup(allow(&["ok.test"])).await;
-        s.ctx
-            .handle(&s.cfg, &query("ok.test."), false)
-            .await
-            .unwrap();
-        let reply = s
-            .ctx
-            .handle(&s.cfg, &query("OK.test."), false)
-            .await
-            .unwrap();
+        s.ask("ok.test.").await;
+        let reply = s.ask("OK.test.").await;
         let m = Message::from_vec(&reply).unwrap();
         assert_eq!(m.answers.len(), 1, "answered from the cache");
         assert_eq!(
@@ -478,11 +481,7 @@ mod tests {
         assert_eq!(s.writer.batches.lock().unwrap().len(), 1);
         s.ctx.expiry.lock().unwrap().clear();
         s.writer.fail.store(true, Ordering::SeqCst);
-        let reply = s
-            .ctx
-            .handle(&s.cfg, &query("ok.test."), false)
-            .await
-            .unwrap();
+        let reply = s.ask("ok.test.").await;
         assert_eq!(rcode(&reply), ResponseCode::ServFail);
     }
 
@@ -490,11 +489,7 @@ mod tests {
     async fn ttls_above_max_ttl_reach_the_client_lowered() {
         let s = setup(allow(&["ok.test"])).await;
         s.ttl.store(200_000, Ordering::SeqCst);
-        let reply = s
-            .ctx
-            .handle(&s.cfg, &query("ok.test."), false)
-            .await
-            .unwrap();
+        let reply = s.ask("ok.test.").await;
         let m = Message::from_vec(&reply).unwrap();
         assert_eq!(
             m.answers[0].ttl, s.cfg.max_ttl,
@@ -511,11 +506,7 @@ mod tests {
     async fn rebinding_onto_the_metadata_address_opens_nothing() {
         let s = setup(allow(&["ok.test"])).await;
         *s.answer_with.lock().unwrap() = "169.254.169.254".parse().unwrap();
-        let reply = s
-            .ctx
-            .handle(&s.cfg, &query("ok.test."), false)
-            .await
-            .unwrap();
+        let reply = s.ask("ok.test.").await;
         let m = Message::from_vec(&reply).unwrap();
         assert!(m.answers.is_empty(), "the record was removed");
         assert!(
@@ -532,11 +523,7 @@ mod tests {
         // A CIDR rule allows it explicitly.
         let s = setup(allow(&["ok.test", "169.254.169.254"])).await;
         *s.answer_with.lock().unwrap() = "169.254.169.254".parse().unwrap();
-        let reply = s
-            .ctx
-            .handle(&s.cfg, &query("ok.test."), false)
-            .await
-            .unwrap();
+        let reply = s.ask("ok.test.").await;
         assert_eq!(Message::from_vec(&reply).unwrap().answers.len(), 1);
     }
 
@@ -559,11 +546,7 @@ mod tests {
     async fn a_failed_insertion_is_servfail_and_releases_no_address() {
         let s = setup(allow(&["ok.test"])).await;
         s.writer.fail.store(true, Ordering::SeqCst);
-        let reply = s
-            .ctx
-            .handle(&s.cfg, &query("ok.test."), false)
-            .await
-            .unwrap();
+        let reply = s.ask("ok.test.").await;
         let m = Message::from_vec(&reply).unwrap();
         assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
         assert!(m.answers.is_empty(), "no address may reach the sandbox");
@@ -574,7 +557,7 @@ mod tests {
     async fn denied_names_never_reach_the_upstream() {
         let s = setup(allow(&["ok.test", "*.wild.test"])).await;
         for name in ["sub.ok.test.", "evil.test.", "a.b.wild.test.", "wild.test."] {
-            let reply = s.ctx.handle(&s.cfg, &query(name), false).await.unwrap();
+            let reply = s.ask(name).await;
             assert_eq!(rcode(&reply), ResponseCode::NXDomain, "{name}");
         }
         assert_eq!(
@@ -584,11 +567,7 @@ mod tests {
         );
         assert!(s.writer.batches.lock().unwrap().is_empty());
         assert_eq!(s.ctx.report().denied.len(), 4);
-        let reply = s
-            .ctx
-            .handle(&s.cfg, &query("x.wild.test."), false)
-            .await
-            .unwrap();
+        let reply = s.ask("x.wild.test.").await;
         assert_eq!(rcode(&reply), ResponseCode::NoError);
         assert_eq!(s.seen.load(Ordering::SeqCst), 1);
     }
@@ -601,10 +580,7 @@ mod tests {
         )
         .unwrap();
         let s = setup(policy).await;
-        s.ctx
-            .handle(&s.cfg, &query("api.test."), false)
-            .await
-            .unwrap();
+        s.ask("api.test.").await;
         let batches = s.writer.batches.lock().unwrap().clone();
         assert_eq!(
             batches[0][0].key,
