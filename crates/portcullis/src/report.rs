@@ -27,6 +27,9 @@ pub struct Report {
     pub exit_code: i32,
     pub denied_names: BTreeMap<String, u64>,
     pub failed_names: BTreeMap<String, u64>,
+    /// "name -> address" of answer records removed because no name may open that address
+    /// (loopback, link-local such as the metadata service, multicast...).
+    pub refused_addresses: BTreeMap<String, u64>,
     pub blocked_flows: Vec<BlockedFlow>,
     pub blocked_packets: u64,
     pub malformed_queries: u64,
@@ -117,6 +120,7 @@ impl Report {
             exit_code,
             denied_names: dns.denied.clone(),
             failed_names: dns.failed.clone(),
+            refused_addresses: dns.refused_addresses.clone(),
             blocked_flows,
             blocked_packets,
             malformed_queries: dns.malformed,
@@ -129,6 +133,7 @@ impl Report {
         self.denied_names.is_empty()
             && self.blocked_flows.is_empty()
             && self.failed_names.is_empty()
+            && self.refused_addresses.is_empty()
             && self.blocked_packets == 0
     }
 
@@ -153,6 +158,12 @@ impl Report {
             let _ = writeln!(
                 s,
                 "  failed   {name} ({n} SERVFAIL: upstream or set insertion failed)"
+            );
+        }
+        for (what, n) in &self.refused_addresses {
+            let _ = writeln!(
+                s,
+                "  refused  {what} ({n} answer(s); an address no name may open: a CIDR rule would allow it)"
             );
         }
         for f in &self.blocked_flows {
