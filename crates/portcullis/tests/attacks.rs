@@ -1219,6 +1219,10 @@ domains = ["probe.test", "meta.test", "host.test", "host6.test", "lo.test", "lo6
         err.contains("answer points at addresses never opened by name"),
         "{err}"
     );
+    assert!(
+        err.contains("refused  meta.test -> 169.254.169.254"),
+        "{err}"
+    );
     for addr in [
         IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V4(World::UPLINK_V4),

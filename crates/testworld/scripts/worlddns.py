@@ -12,7 +12,17 @@ that the Rust `Zone` builder wrote:
 
     {"records":   [{"name": "a.test", "type": "A", "ttl": 60, "data": "198.51.100.10"}, ...],
      "generated": [{"suffix": "gen.test", "ttl": 30}, ...],
-     "truncated": ["big.test", ...]}
+     "truncated": ["big.test", ...],
+     "delayed":   {"slow.test": 2500, ...},
+     "servfail":  ["broken.test", ...],
+     "garbage":   ["noise.test", ...]}
+
+Faults, for tests of what a resolver does with a bad upstream: a `delayed`
+name is answered normally, but only after the given number of milliseconds
+(other queries are not held up meanwhile); a `servfail` name gets SERVFAIL
+with no records; a `garbage` name gets, over UDP, a datagram of random bytes
+followed by its real answer under a wrong message ID, and over TCP a
+length-prefixed message of random bytes (then the connection closes).
 
 Names outside `.test` get REFUSED, unknown names under it NXDOMAIN. Every query
 is logged, one line each ("qname qtype transport source", qname in lower case
@@ -72,6 +82,9 @@ class Zone:
             self.records.setdefault(record["name"], []).append(entry)
         self.generated = {g["suffix"]: g["ttl"] for g in description["generated"]}
         self.truncated = set(description["truncated"])
+        self.delayed = {name: ms / 1000.0 for name, ms in description.get("delayed", {}).items()}
+        self.servfail = set(description.get("servfail", []))
+        self.garbage = set(description.get("garbage", []))
         # Names that own no record but have descendants exist (NODATA, not NXDOMAIN).
         self.nonterminals = set()
         for name in list(self.records) + list(self.generated):
@@ -153,14 +166,26 @@ class Server:
             self.log.write("%s %s %s %s\n" % (qname or ".", qtype, transport, source))
             self.log.flush()
 
-    def answer(self, data, transport, source):
-        """The wire-format reply to one query, or None to stay silent."""
+    def respond(self, data, transport, source):
+        """(delay in seconds, [wire-format messages to send]) for one query."""
         try:
             request = DNSRecord.parse(data)
         except Exception:
-            return None
+            return 0, []
         if request.header.qr or not request.questions:
-            return None
+            return 0, []
+        qname = normalize(request.q.qname)
+        wire = self.answer(request, transport, source)
+        if qname in self.zone.garbage:
+            noise = os.urandom(37)
+            if transport == "tcp":
+                return 0, [noise]
+            wrong_id = struct.pack("!H", (request.header.id + 1) & 0xFFFF) + wire[2:]
+            return 0, [noise, wrong_id]
+        return self.zone.delayed.get(qname, 0), [wire]
+
+    def answer(self, request, transport, source):
+        """The wire-format reply to one parsed query."""
         question = request.q
         qname = normalize(question.qname)
         qtype = QTYPE[question.qtype]
@@ -169,7 +194,10 @@ class Server:
         reply = request.reply(ra=0, aa=1)
         reply.header.ad = 0
         edns = [rr for rr in request.ar if rr.rtype == QTYPE.OPT]
-        if not under_test(qname):
+        if qname in self.zone.servfail:
+            reply.header.aa = 0
+            reply.header.rcode = RCODE.SERVFAIL
+        elif not under_test(qname):
             reply.header.aa = 0
             reply.header.rcode = RCODE.REFUSED
         else:
@@ -197,12 +225,20 @@ class Server:
         return reply.pack()
 
     def serve_udp(self, sock):
+        def send(wires, peer):
+            for wire in wires:
+                sock.sendto(wire, peer)
+
         while True:
             try:
                 data, peer = sock.recvfrom(65535)
-                wire = self.answer(data, "udp", peer[0])
-                if wire is not None:
-                    sock.sendto(wire, peer)
+                delay, wires = self.respond(data, "udp", peer[0])
+                if delay > 0:
+                    timer = threading.Timer(delay, send, args=(wires, peer))
+                    timer.daemon = True
+                    timer.start()
+                else:
+                    send(wires, peer)
             except Exception as err:  # keep serving; a test sees the failure
                 print("udp:", err, file=sys.stderr, flush=True)
 
@@ -227,10 +263,14 @@ class Server:
                     data = recv_exact(conn, struct.unpack("!H", header)[0])
                     if data is None:
                         return
-                    wire = self.answer(data, "tcp", peer[0])
-                    if wire is None:
+                    delay, wires = self.respond(data, "tcp", peer[0])
+                    if not wires:
                         return
-                    conn.sendall(struct.pack("!H", len(wire)) + wire)
+                    time.sleep(delay)
+                    for wire in wires:
+                        conn.sendall(struct.pack("!H", len(wire)) + wire)
+                    if normalize(DNSRecord.parse(data).q.qname) in self.zone.garbage:
+                        return
             except OSError:
                 return
             except Exception as err:  # keep serving; a test sees the failure

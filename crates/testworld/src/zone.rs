@@ -30,6 +30,9 @@ pub struct Zone {
     records: Vec<Record>,
     generated: Vec<(String, u32)>,
     truncated: Vec<String>,
+    delayed: Vec<(String, u64)>,
+    servfail: Vec<String>,
+    garbage: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -92,6 +95,27 @@ impl Zone {
         self
     }
 
+    /// Answers queries for exactly `name` as usual, but only `ms` milliseconds after they
+    /// arrive (over UDP and TCP; other queries are not held up meanwhile): a slow upstream.
+    pub fn delayed(mut self, name: &str, ms: u64) -> Zone {
+        self.delayed.push((test_name(name), ms));
+        self
+    }
+
+    /// Answers queries for exactly `name` with SERVFAIL and no records: a failing upstream.
+    pub fn servfail(mut self, name: &str) -> Zone {
+        self.servfail.push(test_name(name));
+        self
+    }
+
+    /// Answers queries for exactly `name` with garbage: over UDP a datagram of random bytes,
+    /// then the real answer under a wrong message ID; over TCP a length-prefixed message of
+    /// random bytes, then the connection closes. No valid answer to the query ever comes.
+    pub fn garbage(mut self, name: &str) -> Zone {
+        self.garbage.push(test_name(name));
+        self
+    }
+
     /// The IPv4 address of generated name `n<k>.<suffix>`: `198.51.100.<(k % 200) + 20>`.
     pub fn generated_v4(k: u64) -> Ipv4Addr {
         // The remainder is below 200, so the sum fits in a u8.
@@ -126,7 +150,20 @@ impl Zone {
             .iter()
             .map(|(suffix, ttl)| json!({"suffix": suffix, "ttl": ttl}))
             .collect();
-        json!({"records": records, "generated": generated, "truncated": self.truncated}).to_string()
+        let delayed: serde_json::Map<_, _> = self
+            .delayed
+            .iter()
+            .map(|(name, ms)| (name.clone(), json!(ms)))
+            .collect();
+        json!({
+            "records": records,
+            "generated": generated,
+            "truncated": self.truncated,
+            "delayed": delayed,
+            "servfail": self.servfail,
+            "garbage": self.garbage,
+        })
+        .to_string()
     }
 }
 
@@ -178,7 +215,10 @@ mod tests {
             .a("A.Test.", [198, 51, 100, 1], 5)
             .cname("c.test", "A.TEST.", 7)
             .generated("Gen.test", 3)
-            .truncated("a.test");
+            .truncated("a.test")
+            .delayed("Slow.test", 2500)
+            .servfail("broken.test.")
+            .garbage("noise.test");
         let value: serde_json::Value =
             serde_json::from_str(&zone.to_json()).expect("zone JSON parses");
         assert_eq!(value["records"][0]["name"], "a.test");
@@ -186,6 +226,9 @@ mod tests {
         assert_eq!(value["records"][1]["data"], "a.test");
         assert_eq!(value["generated"][0]["suffix"], "gen.test");
         assert_eq!(value["truncated"][0], "a.test");
+        assert_eq!(value["delayed"]["slow.test"], 2500);
+        assert_eq!(value["servfail"][0], "broken.test");
+        assert_eq!(value["garbage"][0], "noise.test");
     }
 
     #[test]

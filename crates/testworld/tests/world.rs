@@ -524,3 +524,39 @@ fn cleanup_stale_removes_dead_runs_and_spares_live_ones() {
     assert!(netns_list().contains(live.uplink_ns()));
     assert_eq!(dig(&live, &["a.test", "+short"]), "198.51.100.10\n");
 }
+
+#[test]
+fn dns_faults_delay_fail_and_garble_only_their_names() {
+    require_root();
+    let world = World::new(
+        &zone()
+            .delayed("slow.test", 700)
+            .a("slow.test", [198, 51, 100, 15], 30)
+            .servfail("broken.test")
+            .garbage("noise.test")
+            .a("noise.test", [198, 51, 100, 16], 30),
+    );
+    // The slow answer comes, late; meanwhile other names are answered at once.
+    let started = std::time::Instant::now();
+    let slow = std::thread::scope(|s| {
+        let slow = s.spawn(|| dig(&world, &["+short", "slow.test", "A"]));
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            lines(&dig(&world, &["+short", "a.test", "A"])),
+            ["198.51.100.10"]
+        );
+        assert!(started.elapsed() < Duration::from_millis(700));
+        slow.join().expect("dig thread")
+    });
+    assert_eq!(lines(&slow), ["198.51.100.15"]);
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    for tcp in ["+notcp", "+tcp"] {
+        let broken = dig(&world, &[tcp, "broken.test", "A"]);
+        assert!(broken.contains("status: SERVFAIL"), "{broken}");
+        // dig skips what does not parse or carries the wrong ID, and times out.
+        let noise = dig(&world, &[tcp, "+short", "noise.test", "A"]);
+        assert!(!noise.contains("198.51.100.16"), "{noise}");
+    }
+    let log = world.dns_queries();
+    assert!(log.contains(&("noise.test".to_string(), "A".to_string())));
+}
