@@ -359,3 +359,59 @@ fn verbose_shows_decisions_live_and_json_logs_are_one_object_per_line() {
         "{events:?}"
     );
 }
+
+#[test]
+fn the_default_upstream_is_the_invoking_namespaces_resolver_even_a_loopback_stub() {
+    let world = World::new(&zone());
+    world.serve_http(80);
+    // A stub resolver on 127.0.0.53 in the uplink (as systemd-resolved would be), forwarding
+    // to the world's DNS; the uplink's resolv.conf names only the stub.
+    let mut stub = world
+        .uplink_cmd("socat")
+        .args([
+            "-T",
+            "5",
+            "UDP4-LISTEN:53,bind=127.0.0.53,fork,reuseaddr",
+            "UDP4:198.51.100.53:53",
+        ])
+        .spawn()
+        .unwrap();
+    let resolv = format!("/etc/netns/{}/resolv.conf", world.uplink_ns());
+    std::fs::write(&resolv, "nameserver 127.0.0.53\n").unwrap();
+    assert!(wait_until(std::time::Duration::from_secs(5), || {
+        world
+            .uplink_cmd("dig")
+            .args(["+short", "+time=1", "+tries=1", "ok.test"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(OK4))
+    }));
+    let mut c = world.uplink_cmd(env!("CARGO_BIN_EXE_portcullis"));
+    c.args([
+        "run",
+        "--pool4",
+        World::POOL4,
+        "--pool6",
+        World::POOL6,
+        "--allow",
+        "ok.test",
+        "--",
+    ]);
+    c.args([
+        "sh",
+        "-c",
+        "cat /etc/resolv.conf; curl -4 -sS --max-time 5 http://ok.test/",
+    ]);
+    let out = c.output().unwrap();
+    let _ = stub.kill();
+    let _ = stub.wait();
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        text.contains("hello"),
+        "reached ok.test through the stub: {text}"
+    );
+    assert!(
+        !text.contains("127.0.0.53"),
+        "the sandbox sees only the relay: {text}"
+    );
+}
