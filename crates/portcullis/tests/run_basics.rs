@@ -385,23 +385,15 @@ fn the_default_upstream_is_the_invoking_namespaces_resolver_even_a_loopback_stub
             .output()
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(OK4))
     }));
-    let mut c = world.uplink_cmd(env!("CARGO_BIN_EXE_portcullis"));
-    c.args([
-        "run",
-        "--pool4",
-        World::POOL4,
-        "--pool6",
-        World::POOL6,
-        "--allow",
-        "ok.test",
-        "--",
-    ]);
-    c.args([
-        "sh",
-        "-c",
-        "cat /etc/resolv.conf; curl -4 -sS --max-time 5 http://ok.test/",
-    ]);
-    let out = c.output().unwrap();
+    let out = run(
+        &world,
+        &["--allow", "ok.test"],
+        &[
+            "sh",
+            "-c",
+            "cat /etc/resolv.conf; curl -4 -sS --max-time 5 http://ok.test/",
+        ],
+    );
     let _ = stub.kill();
     let _ = stub.wait();
     let text = stdout(&out);
