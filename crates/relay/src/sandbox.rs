@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::ResponseCode;
+use hickory_proto::op::{Message, ResponseCode};
 use portcullis_kernel::nft::sets::{Element, ElementKey, SetWriter};
 use portcullis_policy::{Access, Decision, DomainName, Policy};
 use serde::Serialize;
@@ -167,14 +167,23 @@ impl SandboxCtx {
             Ok(Decision::Allow(a)) => a,
             _ => return Some(self.deny(cfg, &q, id, name)),
         };
-        // A cached answer saves the upstream round trip; its addresses still go through
-        // `open` below before it is released, like a fresh answer's.
-        let (msg, raw) = match self.cache.lookup(&q.message, tcp) {
-            Some(hit) => (hit, None),
+        // A cached answer saves the upstream round trip (and any parsing: it is patched in
+        // place); its addresses still go through `open` below before it is released.
+        let (msg, wire, bound) = match self.cache.lookup(&q.message, bytes, tcp) {
+            Some(hit) => (None, hit.wire, hit.bound),
             None => match upstream::forward(cfg, &q, bytes, tcp).await {
                 Ok((msg, raw)) => {
-                    self.cache.store(&q.message, &msg);
-                    (msg, Some(raw))
+                    // No client caches an answer longer than its elements live.
+                    let (msg, wire) = match answer::cap_ttls(&msg, cfg.max_ttl) {
+                        Some(capped) => {
+                            let wire = capped.to_vec().ok()?;
+                            (capped, wire)
+                        }
+                        None => (msg, raw),
+                    };
+                    let bound = answer::bound_addresses(&msg, &q.name);
+                    self.cache.store(&q.message, &msg, &wire, &bound);
+                    (Some(msg), wire, bound)
                 }
                 Err(e) => {
                     tracing::warn!(target: "portcullis::dns", name = %name, error = %e, "upstream failed: SERVFAIL");
@@ -183,7 +192,6 @@ impl SandboxCtx {
                 }
             },
         };
-        let bound = answer::bound_addresses(&msg, &q.name);
         // A chain through an explicitly denied name opens nothing: deny wins everywhere.
         for link in &bound.chain {
             if DomainName::from_wire_labels(link.iter())
@@ -199,8 +207,8 @@ impl SandboxCtx {
             .addrs
             .iter()
             .partition(|(ip, _)| answer::never_by_name(ip) && !self.cidr_allows(ip));
-        let (msg, raw) = if refused.is_empty() {
-            (msg, raw)
+        let wire = if refused.is_empty() {
+            wire
         } else {
             let refused: Vec<IpAddr> = refused.iter().map(|(ip, _)| *ip).collect();
             tracing::warn!(target: "portcullis::dns", name = %name, addresses = ?refused, "answer points at addresses never opened by name: removed");
@@ -213,7 +221,11 @@ impl SandboxCtx {
                     );
                 }
             });
-            (answer::strip_addresses(&msg, &refused), None)
+            let msg = match msg {
+                Some(m) => m,
+                None => Message::from_vec(&wire).ok()?,
+            };
+            answer::strip_addresses(&msg, &refused).to_vec().ok()?
         };
         let bound = answer::Bound {
             addrs,
@@ -237,11 +249,7 @@ impl SandboxCtx {
             }
             DnsReport::count(&mut r.allowed, &mut r.unlisted, name);
         });
-        match (answer::cap_ttls(&msg, cfg.max_ttl), raw) {
-            (Some(m), _) => m.to_vec().ok(),
-            (None, Some(raw)) => Some(raw),
-            (None, None) => msg.to_vec().ok(),
-        }
+        Some(wire)
     }
 
     fn deny(&self, cfg: &RelayConfig, q: &answer::Query, id: u16, name: String) -> Vec<u8> {
