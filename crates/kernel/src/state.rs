@@ -185,11 +185,34 @@ impl StateDir {
         Flock::lock(file, FlockArg::LockExclusiveNonblock).is_err()
     }
 
-    /// Removes a sandbox's files.
+    /// Removes a sandbox's files, its record last: a process killed in between leaves the
+    /// record, which `sandboxes()` finds, so a later cleanup finishes the job.
     pub fn remove(&self, id: &SandboxId) {
-        for suffix in ["json", "json.tmp", "lock", "resolv.conf"] {
+        for suffix in ["json.tmp", "resolv.conf", "lock", "json"] {
             let _ = std::fs::remove_file(self.path(&format!("{id}.{suffix}")));
         }
+    }
+
+    /// Removes files of sandboxes that have no record and no live owner (left by a version
+    /// that removed the record first, or by hand). Returns their ids.
+    pub fn remove_orphans(&self) -> Vec<SandboxId> {
+        let Ok(dir) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<SandboxId> = dir
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                SandboxId::parse(name.split('.').next()?)
+            })
+            .filter(|id| !self.path(&format!("{id}.json")).exists() && !self.is_alive(id))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        for id in &ids {
+            self.remove(id);
+        }
+        ids
     }
 
     pub fn saved_forwarding(&self) -> Option<Forwarding> {
@@ -254,6 +277,18 @@ mod tests {
             !dir.path().join("net-1").exists(),
             "an empty state directory is removed"
         );
+    }
+
+    #[test]
+    fn files_without_a_record_or_owner_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(Some(dir.path().to_owned())).unwrap();
+        let id = SandboxId::parse("0a1b2c3d").unwrap();
+        std::fs::write(dir.path().join("0a1b2c3d.lock"), "").unwrap();
+        std::fs::write(dir.path().join("0a1b2c3d.resolv.conf"), "x").unwrap();
+        assert_eq!(state.remove_orphans(), vec![id]);
+        assert!(!dir.path().join("0a1b2c3d.lock").exists());
+        assert!(!dir.path().join("0a1b2c3d.resolv.conf").exists());
     }
 
     #[test]

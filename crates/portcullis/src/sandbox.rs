@@ -35,6 +35,9 @@ pub fn cleanup_stale(state: &StateDir, scan: bool) -> Vec<String> {
             removed.push(format!("state of sandbox {}", rec.id));
         }
     }
+    for id in state.remove_orphans() {
+        removed.push(format!("state files of sandbox {id}"));
+    }
     // Objects with our prefix but no live record: a crash between creation and record is
     // impossible (the record comes first), but a state directory removed by hand is not.
     let tables = if scan {

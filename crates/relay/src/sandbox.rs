@@ -173,6 +173,13 @@ impl SandboxCtx {
             Some(hit) => (None, hit.wire, hit.bound),
             None => match upstream::forward(cfg, &q, bytes, tcp).await {
                 Ok((msg, raw)) => {
+                    if msg.metadata.response_code == ResponseCode::ServFail {
+                        // The upstream's own failure: passed on as it is, and listed.
+                        tracing::warn!(target: "portcullis::dns", name = %name, "upstream answered SERVFAIL");
+                        self.note(|r| {
+                            DnsReport::count(&mut r.failed, &mut r.unlisted, name.clone())
+                        });
+                    }
                     // No client caches an answer longer than its elements live.
                     let (msg, wire) = match answer::cap_ttls(&msg, cfg.max_ttl) {
                         Some(capped) => {
