@@ -71,6 +71,14 @@ impl<V: Clone> PatternSet<V> {
         Self::default()
     }
 
+    /// An empty set with room for `n` base names, so building it never rehashes.
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            by_base: HashMap::with_capacity_and_hasher(n, Default::default()),
+            len: 0,
+        }
+    }
+
     pub fn insert(&mut self, pattern: &DomainPattern, value: V) {
         match self.by_base.get_mut(pattern.base().as_str()) {
             Some(values) => values.push((pattern.kind(), value)),

@@ -226,8 +226,9 @@ fn parse_cidr(s: &str) -> Result<IpNet, PolicyProblem> {
 
 impl Policy {
     pub fn new(rules: Vec<Rule>) -> Policy {
-        let mut allow = PatternSet::new();
-        let mut deny = PatternSet::new();
+        let denies = rules.iter().filter(|r| r.action == Action::Deny).count();
+        let mut allow = PatternSet::with_capacity(rules.len() - denies);
+        let mut deny = PatternSet::with_capacity(denies);
         for (i, rule) in rules.iter().enumerate() {
             if let Target::Domain(pattern) = &rule.target {
                 match rule.action {

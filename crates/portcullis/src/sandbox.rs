@@ -131,6 +131,9 @@ pub struct Sandbox {
     pub state: StateDir,
     lease: Option<Lease>,
     netlink: Arc<NetlinkSetWriter>,
+    /// Set once every process of the sandbox is gone: the kernel then destroys its network
+    /// namespace, and the veth pair with it, on its own.
+    netns_gone: bool,
     torn_down: bool,
 }
 
@@ -171,6 +174,7 @@ impl Sandbox {
             state: state.clone(),
             lease: Some(lease),
             netlink,
+            netns_gone: false,
             torn_down: false,
         };
         enable_forwarding(state)?;
@@ -190,6 +194,12 @@ impl Sandbox {
             nflog_group: Some(group),
         };
         Ok(self.state.update(&record)?)
+    }
+
+    /// Records that no process of the sandbox is left (CMD's helper was reaped, and with it
+    /// the whole PID namespace).
+    pub fn netns_gone(&mut self) {
+        self.netns_gone = true;
     }
 
     pub fn peers(&self) -> Vec<IpAddr> {
@@ -214,7 +224,12 @@ impl Sandbox {
         {
             errors.push(format!("{e}; then {e2}"));
         }
-        if let Err(e) = link::delete_link(&self.id.host_ifname()) {
+        // Deleting a veth whose peer lives in another namespace waits for the kernel (40-60 ms,
+        // most of a short run's wall time). Once the sandbox's processes are gone the kernel
+        // destroys its namespace and the pair with it; only set-up failures delete it here.
+        if !self.netns_gone
+            && let Err(e) = link::delete_link(&self.id.host_ifname())
+        {
             errors.push(e.to_string());
         }
         let lock = self.state.lock();

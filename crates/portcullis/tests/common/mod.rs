@@ -5,8 +5,6 @@
 use std::process::{Command, Output};
 
 pub use portcullis_testworld::{World, Zone, wait_until};
-#[allow(unused_imports)]
-use wait_until as _;
 
 /// `portcullis run` in the world's uplink, with the test pools and the world's DNS upstream.
 pub fn run_cmd(world: &World, extra: &[&str], cmd: &[&str]) -> Command {
@@ -40,7 +38,15 @@ pub fn stderr(o: &Output) -> String {
 }
 
 /// What the uplink holds that a run could leave behind: nft ruleset, links, state files.
+///
+/// A sandbox's veth pair goes with its network namespace, which the kernel destroys shortly
+/// after the sandbox's last process: the links are given up to 5 s to go before the snapshot,
+/// so a link that stays is still caught.
 pub fn residue(world: &World) -> (String, String, Vec<String>) {
+    wait_until(std::time::Duration::from_secs(5), || {
+        let out = world.uplink_cmd("ip").args(["-o", "link", "show"]).output();
+        out.is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).contains(": pc-"))
+    });
     let nft = world
         .uplink_cmd("nft")
         .args(["list", "ruleset"])
