@@ -139,6 +139,24 @@ fn normalize(s: &str) -> Result<Box<str>, NameProblem> {
     if s.is_empty() {
         return Err(NameProblem::Empty);
     }
+    // Fast path: plain lowercase LDH names with no punycode label need no IDNA mapping
+    // (policies of 100k names spend most of their parse time there otherwise).
+    if s.bytes().all(|b| b == b'.' || is_label_byte(b))
+        && !s.split('.').any(|l| l.starts_with("xn--"))
+    {
+        for label in s.split('.') {
+            if label.is_empty() {
+                return Err(NameProblem::EmptyLabel);
+            }
+            if label.len() > MAX_LABEL_LEN {
+                return Err(NameProblem::LabelTooLong(label.to_owned()));
+            }
+        }
+        if s.len() > MAX_NAME_LEN {
+            return Err(NameProblem::TooLong);
+        }
+        return Ok(s.into());
+    }
     // Report a bad ASCII character as such rather than as an IDNA failure.
     if let Some(c) = s
         .chars()
