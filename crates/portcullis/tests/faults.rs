@@ -320,12 +320,11 @@ fn sigkill_at_random_points_of_teardown() {
     });
 }
 
-/// CMD of the upstream tests: for each `NAME=ADDR` argument, `dig NAME A` (one try, 6 s: more
-/// than the relay's 2 s per upstream, so the relay's answer is what dig sees), then one TCP
-/// connect to ADDR (80); prints `NAME STATUS MILLISECONDS` per name.
-const DIGGER: &str = r#"
-import socket, subprocess, sys, time
-def dig(name):
+/// The Python `dig(name) -> (status, milliseconds)` helper shared by the scripts below: dig with
+/// a 6 s timeout (above the relay's 2 s upstream timeout, so the relay's answer is what shows).
+macro_rules! dig_py {
+    () => {
+        r#"def dig(name):
     t = time.monotonic()
     out = subprocess.run(["/usr/bin/dig", "+time=6", "+tries=1", name, "A"],
                          capture_output=True, text=True, timeout=20).stdout
@@ -335,7 +334,17 @@ def dig(name):
         if "status:" in line:
             status = line.split("status:")[1].split(",")[0].strip()
     return status, ms
-def poke(addr):
+"#
+    };
+}
+
+/// CMD of the upstream tests: for each `NAME=ADDR` argument, `dig NAME A` (one try, 6 s: more
+/// than the relay's 2 s per upstream, so the relay's answer is what dig sees), then one TCP
+/// connect to ADDR (80); prints `NAME STATUS MILLISECONDS` per name.
+const DIGGER: &str = concat!(
+    "import socket, subprocess, sys, time\n",
+    dig_py!(),
+    r#"def poke(addr):
     s = socket.socket()
     s.settimeout(0.3)
     try:
@@ -349,7 +358,8 @@ for arg in sys.argv[1:]:
     status, ms = dig(name)
     poke(addr)
     print(name, status, ms, flush=True)
-"#;
+"#
+);
 
 /// `(status, milliseconds)` per name from DIGGER's output.
 fn dig_results(out: &str) -> HashMap<String, (String, u64)> {
@@ -522,20 +532,11 @@ fn upstream_servfail_answer_is_listed_as_failed() {
 /// CMD of the insertion-failure test: looks up ok.test and connects, says so in file
 /// `argv[1]`, waits (at most 20 s) for file `argv[2]`, then looks up late.test and connects to
 /// it, to ok.test's address and to the hard-coded address `argv[3]`, printing what happened.
-const AFTER_TABLE_LOSS: &str = r#"
-import os, socket, subprocess, sys, time
-ready, go, hard = sys.argv[1], sys.argv[2], sys.argv[3]
-def dig(name):
-    t = time.monotonic()
-    out = subprocess.run(["/usr/bin/dig", "+time=6", "+tries=1", name, "A"],
-                         capture_output=True, text=True, timeout=20).stdout
-    ms = int((time.monotonic() - t) * 1000)
-    status = "NONE"
-    for line in out.splitlines():
-        if "status:" in line:
-            status = line.split("status:")[1].split(",")[0].strip()
-    return status, ms
-def connect(addr):
+const AFTER_TABLE_LOSS: &str = concat!(
+    "import os, socket, subprocess, sys, time\n",
+    "ready, go, hard = sys.argv[1], sys.argv[2], sys.argv[3]\n",
+    dig_py!(),
+    r#"def connect(addr):
     s = socket.socket()
     s.settimeout(1)
     try:
@@ -553,7 +554,8 @@ while not os.path.exists(go) and time.monotonic() < deadline:
 print("after late.test", *dig("late.test"), connect("198.51.100.11"), flush=True)
 print("after ok.test-addr", connect("198.51.100.10"), flush=True)
 print("after hard", connect(hard), flush=True)
-"#;
+"#
+);
 
 /// Someone removes the sandbox's `allow4` set from the uplink mid-run: the next set insertion
 /// fails, and the relay must answer SERVFAIL, count the name as failed, and let nothing out.

@@ -12,6 +12,9 @@ use common::*;
 const OK4: &str = "198.51.100.10";
 const OK6: &str = "2001:db8::10";
 const HARD4: &str = "198.51.100.99";
+/// Fetches ok.test over IPv4, then over IPv6; fails if either fails.
+const CURL_BOTH_FAMILIES: &str =
+    "curl -4 -sS --max-time 5 http://ok.test/ && curl -6 -sS --max-time 5 http://ok.test/";
 
 fn zone() -> Zone {
     Zone::new()
@@ -32,11 +35,7 @@ fn allowed_name_is_reachable_over_ipv4_and_ipv6() {
     let out = run(
         &world,
         &["--allow", "ok.test"],
-        &[
-            "sh",
-            "-c",
-            "curl -4 -sS --max-time 5 http://ok.test/ && curl -6 -sS --max-time 5 http://ok.test/",
-        ],
+        &["sh", "-c", CURL_BOTH_FAMILIES],
     );
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
@@ -235,11 +234,7 @@ fn forwarding_is_enabled_only_for_the_run_and_restored_after() {
     let out = run(
         &world,
         &["--allow", "ok.test"],
-        &[
-            "sh",
-            "-c",
-            "curl -4 -sS --max-time 5 http://ok.test/ && curl -6 -sS --max-time 5 http://ok.test/",
-        ],
+        &["sh", "-c", CURL_BOTH_FAMILIES],
     );
     assert_eq!(
         out.status.code(),
