@@ -38,6 +38,12 @@ pub enum LogFormat {
 pub enum Command {
     /// Run CMD in a sandbox that reaches only what the policy allows.
     Run(RunArgs),
+    /// Run CMD with open egress, record every name it resolves and every flow it opens, and
+    /// write the allow-list it needs.
+    Learn(LearnArgs),
+    /// Work offline with policies and learn logs: import, suggest, check.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Remove what killed runs left behind in this network namespace.
     Cleanup,
     /// Print shell completions.
@@ -93,4 +99,98 @@ pub struct RunArgs {
     /// The command and its arguments.
     #[arg(required = true, last = true, value_name = "CMD")]
     pub cmd: Vec<String>,
+}
+
+/// Output formats of a written policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PolicyFormat {
+    /// Portcullis TOML policy, with provenance comments.
+    Toml,
+    /// One pattern or CIDR per line, for --allow-file.
+    List,
+    /// The rules and their provenance as JSON.
+    Json,
+    /// dnsmasq server= and nftset= lines.
+    Dnsmasq,
+    /// Squid dstdomain and dst ACLs.
+    Squid,
+    /// Cilium CiliumNetworkPolicy with toFQDNs (YAML).
+    Cilium,
+    /// StepSecurity harden-runner allowed-endpoints (YAML step).
+    HardenRunner,
+    /// /etc/hosts-style pins of the addresses seen.
+    Hosts,
+}
+
+/// How the learned policy is written (shared by `learn` and `policy suggest`).
+#[derive(Debug, Args)]
+pub struct WriteArgs {
+    /// Write the policy to FILE [default: standard output].
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Format of the written policy.
+    #[arg(long, value_enum, default_value_t = PolicyFormat::Toml)]
+    pub format: PolicyFormat,
+    /// Suggest *. and **. patterns where N or more sibling names share a parent (never at or
+    /// above a public suffix).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..))]
+    pub collapse: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct LearnArgs {
+    #[command(flatten)]
+    pub write: WriteArgs,
+    /// Write the learn log (JSON lines: every query and every flow) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+    /// Upstream resolver [default: the nameservers of /etc/resolv.conf].
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    pub upstream_dns: Vec<String>,
+    /// Run CMD as USER[:GROUP] [default: the sudo caller, else root without capabilities].
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
+    /// IPv4 pool for sandbox addresses (a /30 each).
+    #[arg(long, value_name = "CIDR", default_value = portcullis_kernel::addrpool::DEFAULT_POOL4, env = "PORTCULLIS_POOL4")]
+    pub pool4: ipnet::Ipv4Net,
+    /// IPv6 pool for sandbox addresses (a /64 each).
+    #[arg(long, value_name = "CIDR", default_value = portcullis_kernel::addrpool::DEFAULT_POOL6, env = "PORTCULLIS_POOL6")]
+    pub pool6: ipnet::Ipv6Net,
+    /// The command and its arguments.
+    #[arg(required = true, last = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Convert a dnsmasq log-queries log into a learn log.
+    Import {
+        /// The dnsmasq log (log-queries, optionally log-queries=extra).
+        #[arg(long, value_name = "FILE", required = true)]
+        dnsmasq_log: PathBuf,
+        /// Year of the log's timestamps (syslog lines carry none) [default: this year].
+        #[arg(long)]
+        year: Option<i32>,
+        /// Write the learn log to FILE [default: standard output].
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Merge one or more learn logs into one policy.
+    Suggest {
+        #[command(flatten)]
+        write: WriteArgs,
+        /// Learn logs (from learn --log or policy import).
+        #[arg(required = true, value_name = "LOG")]
+        logs: Vec<PathBuf>,
+    },
+    /// Replay learn logs against a policy: what would be blocked, which rules were never
+    /// used. Exits 1 when anything would be blocked.
+    Check {
+        /// TOML policy file.
+        #[arg(value_name = "POLICY")]
+        policy: PathBuf,
+        /// Learn logs to replay.
+        #[arg(required = true, value_name = "LOG")]
+        logs: Vec<PathBuf>,
+    },
 }

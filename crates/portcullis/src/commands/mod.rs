@@ -2,6 +2,8 @@
 
 mod cleanup;
 mod docs;
+mod learn;
+mod policy;
 mod run;
 
 use crate::cli::{Cli, Command};
@@ -11,6 +13,8 @@ use crate::exit::Failure;
 pub fn dispatch(cli: Cli) -> Result<i32, Failure> {
     match cli.command {
         Command::Run(args) => run::run(args, cli.state_dir),
+        Command::Learn(args) => learn::learn(args, cli.state_dir),
+        Command::Policy(cmd) => policy::policy(cmd),
         Command::Cleanup => cleanup::cleanup(cli.state_dir),
         Command::Completions { shell } => docs::completions(shell),
         Command::Man => docs::man(),
