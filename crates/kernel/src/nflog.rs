@@ -4,8 +4,9 @@
 //! kernel allows); binding the group first reserves it before the rules that use it exist.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
@@ -51,11 +52,16 @@ pub fn parse_packet(p: &[u8]) -> Option<BlockedPacket> {
     Some(BlockedPacket { dst, proto, dport })
 }
 
+/// Bytes of each logged packet copied to userspace: the IPv6 header and the ports fit.
+const COPY_RANGE: u32 = 128;
+
 /// A bound NFLOG group.
 #[derive(Debug)]
 pub struct NflogGroup {
     socket: Socket,
     pub group: u16,
+    /// Times the kernel reported a full socket buffer (ENOBUFS): packets were logged and lost.
+    lost: Arc<AtomicU64>,
 }
 
 impl NflogGroup {
@@ -80,7 +86,7 @@ impl NflogGroup {
             .map_err(|e| Error::io(&what, e))?;
         for nlas in [
             vec![ConfigNla::Cmd(ConfigCmd::Bind)],
-            vec![ConfigNla::Mode(ConfigMode::PACKET_MAX)],
+            vec![ConfigNla::Mode(ConfigMode::new_packet(COPY_RANGE))],
             // Each packet at once: by default the kernel batches up to 100 packets for up to
             // a second, so the flows of a run's last second never reached the report.
             vec![ConfigNla::QThresh(1)],
@@ -104,7 +110,41 @@ impl NflogGroup {
                 });
             }
         }
-        Ok(NflogGroup { socket, group })
+        Ok(NflogGroup {
+            socket,
+            group,
+            lost: Arc::default(),
+        })
+    }
+
+    /// Raises the socket's receive buffer past `net.core.rmem_max` (needs CAP_NET_ADMIN), so
+    /// that a burst of logged packets waits in the kernel instead of being lost.
+    pub fn enlarge_buffer(&self, bytes: usize) -> Result<()> {
+        let size = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: the fd is the open socket owned by `self.socket`; `size` is a c_int whose
+        // size we pass.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(Error::io(
+                format!("enlarge NFLOG group {} buffer", self.group),
+                std::io::Error::last_os_error(),
+            ))
+        }
+    }
+
+    /// Counts overflows of the socket buffer: non-zero means logged packets were lost.
+    pub fn lost_counter(&self) -> Arc<AtomicU64> {
+        self.lost.clone()
     }
 
     /// Reads packets on a dedicated thread until `stop` is set, calling `on_packet` for each.
@@ -130,6 +170,10 @@ impl NflogGroup {
                     let flags = if stopping { libc::MSG_DONTWAIT } else { 0 };
                     let n = match self.socket.recv(&mut &mut buf[..], flags) {
                         Ok(n) => n,
+                        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                            self.lost.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
                         Err(_) if stopping => break,
                         Err(_) => continue,
                     };

@@ -8,6 +8,7 @@ mod exit;
 mod options;
 mod report;
 mod sandbox;
+mod session;
 
 use clap::Parser as _;
 use clap::error::ErrorKind;

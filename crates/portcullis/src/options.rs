@@ -9,7 +9,7 @@ use anyhow::{Context as _, anyhow, bail};
 use portcullis_kernel::process::Credentials;
 use portcullis_policy::{Policy, Rule};
 
-use crate::cli::{DenyResponse, RunArgs};
+use crate::cli::{DenyResponse, LearnArgs, PolicyFormat, RunArgs};
 
 /// A validated `run`.
 #[derive(Debug)]
@@ -109,6 +109,69 @@ fn credentials(user: Option<&str>) -> anyhow::Result<Option<Credentials>> {
     }
 }
 
+/// `--upstream-dns`, else the nameservers of /etc/resolv.conf.
+fn upstreams(given: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
+    if given.is_empty() {
+        let found = nameservers(&read(Path::new("/etc/resolv.conf"))?);
+        if found.is_empty() {
+            bail!(
+                "no upstream DNS: /etc/resolv.conf names no usable nameserver; give --upstream-dns ADDR"
+            );
+        }
+        Ok(found)
+    } else {
+        given.iter().map(|s| parse_upstream(s)).collect()
+    }
+}
+
+/// A validated `learn`.
+#[derive(Debug)]
+pub struct LearnOptions {
+    pub relay: portcullis_relay::RelayConfig,
+    pub user: Option<Credentials>,
+    pub pool4: ipnet::Ipv4Net,
+    pub pool6: ipnet::Ipv6Net,
+    pub output: Option<PathBuf>,
+    pub format: portcullis_learn::formats::Format,
+    pub collapse: Option<usize>,
+    pub log: Option<PathBuf>,
+    pub cmd: Vec<String>,
+}
+
+/// The learn crate's format for the command line's.
+pub fn format(f: PolicyFormat) -> portcullis_learn::formats::Format {
+    use portcullis_learn::formats::Format;
+    match f {
+        PolicyFormat::Toml => Format::Toml,
+        PolicyFormat::List => Format::List,
+        PolicyFormat::Json => Format::Json,
+        PolicyFormat::Dnsmasq => Format::Dnsmasq,
+        PolicyFormat::Squid => Format::Squid,
+        PolicyFormat::Cilium => Format::Cilium,
+        PolicyFormat::HardenRunner => Format::HardenRunner,
+        PolicyFormat::Hosts => Format::Hosts,
+    }
+}
+
+impl LearnOptions {
+    pub fn from_args(a: LearnArgs) -> anyhow::Result<Self> {
+        Ok(LearnOptions {
+            relay: portcullis_relay::RelayConfig {
+                upstreams: upstreams(&a.upstream_dns)?,
+                ..Default::default()
+            },
+            user: credentials(a.user.as_deref())?,
+            pool4: a.pool4,
+            pool6: a.pool6,
+            output: a.write.output,
+            format: format(a.write.format),
+            collapse: a.write.collapse.map(|n| n as usize),
+            log: a.log,
+            cmd: a.cmd,
+        })
+    }
+}
+
 impl RunOptions {
     pub fn from_args(a: RunArgs) -> anyhow::Result<Self> {
         let mut rules = Vec::new();
@@ -130,20 +193,7 @@ impl RunOptions {
             );
         }
         let policy = Policy::new(rules);
-        let upstreams = if a.upstream_dns.is_empty() {
-            let found = nameservers(&read(Path::new("/etc/resolv.conf"))?);
-            if found.is_empty() {
-                bail!(
-                    "no upstream DNS: /etc/resolv.conf names no usable nameserver; give --upstream-dns ADDR"
-                );
-            }
-            found
-        } else {
-            a.upstream_dns
-                .iter()
-                .map(|s| parse_upstream(s))
-                .collect::<anyhow::Result<_>>()?
-        };
+        let upstreams = upstreams(&a.upstream_dns)?;
         if a.min_ttl > a.max_ttl {
             bail!(
                 "--min-ttl {} is larger than --max-ttl {}",

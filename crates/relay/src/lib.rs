@@ -13,4 +13,4 @@ pub mod sandbox;
 pub mod server;
 pub mod upstream;
 
-pub use sandbox::{DnsReport, RelayConfig, SandboxCtx};
+pub use sandbox::{DnsReport, Observed, QueryObserver, RelayConfig, SandboxCtx};

@@ -84,6 +84,27 @@ impl DnsReport {
     }
 }
 
+/// A query as the relay answered it, for `learn`'s log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// The queried name, lowercase, without the trailing dot.
+    pub name: String,
+    pub qtype: String,
+    /// "NOERROR", "NXDOMAIN", "SERVFAIL"...; "TIMEOUT" when no upstream answered.
+    pub rcode: String,
+    /// Addresses bound to the name through its CNAME chain, as released to the sandbox.
+    pub answers: Vec<IpAddr>,
+    /// The CNAME chain after the queried name.
+    pub cnames: Vec<String>,
+    /// Smallest TTL of the bound addresses.
+    pub ttl: Option<u32>,
+}
+
+/// Receives every query a learning sandbox makes, before its answer is released.
+pub trait QueryObserver: Send + Sync + std::fmt::Debug {
+    fn observed(&self, q: Observed);
+}
+
 /// One sandbox, as the relay serves it.
 #[derive(Debug)]
 pub struct SandboxCtx {
@@ -97,6 +118,23 @@ pub struct SandboxCtx {
     inserts: AtomicU64,
     report: Mutex<DnsReport>,
     cache: Arc<AnswerCache>,
+    /// Set when learning: every name is forwarded, nothing goes into sets (egress is open),
+    /// and every query is reported here.
+    observer: Option<Arc<dyn QueryObserver>>,
+}
+
+/// The response code of a reply in wire form, by its name in zone files and logs.
+pub fn rcode_name(wire: &[u8]) -> String {
+    let code = wire.get(3).map_or(2, |b| b & 0x0f);
+    match code {
+        0 => "NOERROR".into(),
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        n => format!("RCODE{n}"),
+    }
 }
 
 fn shown(name: &hickory_proto::rr::Name) -> String {
@@ -120,6 +158,31 @@ impl SandboxCtx {
             inserts: AtomicU64::new(0),
             report: Mutex::new(DnsReport::default()),
             cache: Arc::default(),
+            observer: None,
+        }
+    }
+
+    /// Turns the sandbox into a learning one: see `observer`.
+    pub fn learning(mut self, observer: Arc<dyn QueryObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Whether this sandbox learns (see `learning`).
+    pub fn is_learning(&self) -> bool {
+        self.observer.is_some()
+    }
+
+    fn observe(&self, name: &str, q: &answer::Query, rcode: String, bound: &answer::Bound) {
+        if let Some(o) = &self.observer {
+            o.observed(Observed {
+                name: name.to_owned(),
+                qtype: q.qtype.to_string(),
+                rcode,
+                answers: bound.addrs.iter().map(|(ip, _)| *ip).collect(),
+                cnames: bound.chain.iter().map(shown).collect(),
+                ttl: bound.addrs.iter().map(|(_, t)| *t).min(),
+            });
         }
     }
 
@@ -162,10 +225,18 @@ impl SandboxCtx {
         };
         let id = q.message.metadata.id;
         let name = shown(&q.name);
-        let decision = DomainName::from_wire_labels(q.name.iter()).map(|n| self.policy.decide(&n));
-        let access = match decision {
-            Ok(Decision::Allow(a)) => a,
-            _ => return Some(self.deny(cfg, &q, id, name)),
+        let access = if self.observer.is_some() {
+            Access {
+                any_port: true,
+                ports: Default::default(),
+            }
+        } else {
+            let decision =
+                DomainName::from_wire_labels(q.name.iter()).map(|n| self.policy.decide(&n));
+            match decision {
+                Ok(Decision::Allow(a)) => a,
+                _ => return Some(self.deny(cfg, &q, id, name)),
+            }
         };
         // A cached answer saves the upstream round trip (and any parsing: it is patched in
         // place); its addresses still go through `open` below before it is released.
@@ -194,6 +265,7 @@ impl SandboxCtx {
                 }
                 Err(e) => {
                     tracing::warn!(target: "portcullis::dns", name = %name, error = %e, "upstream failed: SERVFAIL");
+                    self.observe(&name, &q, "TIMEOUT".into(), &answer::Bound::default());
                     self.note(|r| DnsReport::count(&mut r.failed, &mut r.unlisted, name));
                     return Some(answer::error_reply(id, Some(&q), ResponseCode::ServFail));
                 }
@@ -238,6 +310,11 @@ impl SandboxCtx {
             addrs,
             chain: bound.chain,
         };
+        if self.observer.is_some() {
+            // Learning: egress is open, nothing to put in sets.
+            self.observe(&name, &q, rcode_name(&wire), &bound);
+            return Some(wire);
+        }
         if let Err(e) = self.open(cfg, &access, &bound.addrs) {
             tracing::error!(target: "portcullis::dns", name = %name, error = %e, "set insertion failed: SERVFAIL");
             self.note(|r| DnsReport::count(&mut r.failed, &mut r.unlisted, name));

@@ -26,6 +26,8 @@ const SRC4: &str = "src4";
 const SRC6: &str = "src6";
 const PORT4: &str = "port4";
 const PORT6: &str = "port6";
+const SYN4: &str = "syn4";
+const SYN6: &str = "syn6";
 /// Elements per set; a full set stops counting new addresses (old ones go on counting).
 const SET_SIZE: u32 = 65536;
 
@@ -48,6 +50,8 @@ fn ruleset(iface: &str) -> String {
     text += &set(SRC6, "ipv6_addr");
     text += &set(PORT4, "ipv4_addr . inet_proto . inet_service");
     text += &set(PORT6, "ipv6_addr . inet_proto . inet_service");
+    text += &set(SYN4, "ipv4_addr . inet_service");
+    text += &set(SYN6, "ipv6_addr . inet_service");
     text += &format!(
         "  chain count {{
     type filter hook prerouting priority raw; policy accept;
@@ -62,6 +66,8 @@ fn ruleset(iface: &str) -> String {
     update @{SRC6} {{ ip6 saddr }}
     meta l4proto {{ tcp, udp }} update @{PORT4} {{ ip daddr . meta l4proto . th dport }}
     meta l4proto {{ tcp, udp }} update @{PORT6} {{ ip6 daddr . meta l4proto . th dport }}
+    tcp flags & (syn | ack) == syn update @{SYN4} {{ ip daddr . tcp dport }}
+    tcp flags & (syn | ack) == syn update @{SYN6} {{ ip6 daddr . tcp dport }}
   }}
 }}
 "
@@ -98,6 +104,17 @@ pub(crate) fn packets_to_port(ns: &str, ip: IpAddr, proto: &str, port: u16) -> u
         // nft prints the protocol by name where it knows it, by number otherwise.
         let proto_matches = p.as_str() == Some(proto) || p.as_u64() == Some(number);
         address_is(addr, ip) && proto_matches && dport.as_u64() == Some(u64::from(port))
+    })
+}
+
+/// TCP SYNs (connection attempts, retransmissions included) that arrived for `ip` port `port`.
+pub(crate) fn syns_to(ns: &str, ip: IpAddr, port: u16) -> u64 {
+    let set = if ip.is_ipv4() { SYN4 } else { SYN6 };
+    sum_matching(ns, set, |val| {
+        let Some([addr, dport]) = val["concat"].as_array().map(Vec::as_slice) else {
+            return false;
+        };
+        address_is(addr, ip) && dport.as_u64() == Some(u64::from(port))
     })
 }
 
@@ -153,7 +170,7 @@ mod tests {
         let text = ruleset("uplink0");
         assert!(text.contains("iifname != \"uplink0\" return"));
         assert!(text.contains("priority raw"));
-        assert_eq!(text.matches("flags dynamic; counter;").count(), 6);
+        assert_eq!(text.matches("flags dynamic; counter;").count(), 8);
     }
 
     #[test]

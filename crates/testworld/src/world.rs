@@ -302,6 +302,12 @@ impl World {
         counters::packets_to_port(&self.world, ip, proto, port)
     }
 
+    /// TCP SYNs (connection attempts, retransmissions included) that arrived for `ip` port
+    /// `port`.
+    pub fn syns_to(&self, ip: IpAddr, port: u16) -> u64 {
+        counters::syns_to(&self.world, ip, port)
+    }
+
     /// Packets that arrived from the uplink with source `ip`: a sandbox address here means
     /// the sandbox reached the world.
     pub fn packets_from(&self, ip: IpAddr) -> u64 {

@@ -60,7 +60,15 @@ pub struct SandboxRules<'a> {
     pub relay: RelayPorts,
     pub statics: &'a [StaticAllow],
     pub nflog_group: u16,
+    /// `learn`: egress is open, and the first packet of every new flow is logged, without a
+    /// rate limit, instead of checked against the sets.
+    pub learn: bool,
 }
+
+/// The conntrack mark bit a learning sandbox sets on each flow it has logged, so that a
+/// retransmitted first packet (a second SYN) is not logged as another flow. Only this bit is
+/// touched.
+pub const LEARN_CT_BIT: u32 = 0x0010_0000;
 
 /// The `nft -f` script creating the sandbox's table. Adding it is one atomic transaction.
 pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
@@ -118,7 +126,7 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
 		ct state established,related accept
 		meta nfproto ipv4 ip saddr != {s4} counter name {COUNTER_BLOCKED} drop
 		meta nfproto ipv6 ip6 saddr != {s6} counter name {COUNTER_BLOCKED} drop
-		ip daddr @{SET_ALLOW4} accept
+{learn}		ip daddr @{SET_ALLOW4} accept
 		ip6 daddr @{SET_ALLOW6} accept
 		meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @{SET_ALLOW4_PORT} accept
 		meta l4proto {{ tcp, udp }} ip6 daddr . meta l4proto . th dport @{SET_ALLOW6_PORT} accept
@@ -132,6 +140,16 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
         u6 = p.udp6,
         t6 = p.tcp6,
         g = r.nflog_group,
+        learn = if r.learn {
+            format!(
+                "\t\t# Learning: every new flow is logged once, then let through.\n\
+                 \t\tct mark and {LEARN_CT_BIT:#x} == 0 ct mark set ct mark or {LEARN_CT_BIT:#x} log group {g}\n\
+                 \t\taccept\n",
+                g = r.nflog_group
+            )
+        } else {
+            String::new()
+        },
     );
     for st in r.statics {
         let family = match st.net {
@@ -241,7 +259,9 @@ mod tests {
             },
             statics: &statics,
             nflog_group: 4242,
+            learn: false,
         });
+        assert!(!text.contains("ct mark"));
         assert!(text.starts_with("table inet portcullis_0a1b2c3d {"));
         assert!(text.contains(r#"iifname "pc-0a1b2c3d-h" meta nfproto ipv4 udp dport 53 dnat ip to 203.0.113.129:1001"#));
         assert!(text.contains("dnat ip6 to [2001:db8:fffe::1]:1004"));
@@ -277,5 +297,35 @@ mod tests {
                 "nd-router-solicit, mld-listener-report, mld2-listener-report } drop\n"
             )
         );
+    }
+
+    #[test]
+    fn learning_logs_each_new_flow_once_and_lets_it_through() {
+        let id = SandboxId::parse("0a1b2c3d").unwrap();
+        let a = addressing();
+        let text = sandbox_ruleset(&SandboxRules {
+            id: &id,
+            addressing: &a,
+            relay: RelayPorts {
+                udp4: 1001,
+                tcp4: 1002,
+                udp6: 1003,
+                tcp6: 1004,
+            },
+            statics: &[],
+            nflog_group: 4242,
+            learn: true,
+        });
+        let egress =
+            &text[text.find("chain egress").unwrap()..text.find("chain source_nat").unwrap()];
+        // Anti-spoofing still comes first; then the unlimited log of the first packet.
+        let spoof = egress.find("ip6 saddr !=").unwrap();
+        let log = egress
+            .find("ct mark and 0x100000 == 0 ct mark set ct mark or 0x100000 log group 4242\n")
+            .unwrap();
+        assert!(spoof < log);
+        assert!(egress[log..].contains("\t\taccept\n"));
+        // The DNS redirect is the same as in run: every query reaches the relay.
+        assert!(text.contains("udp dport 53 dnat ip to 203.0.113.129:1001"));
     }
 }

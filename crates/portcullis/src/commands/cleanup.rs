@@ -7,7 +7,7 @@ use portcullis_kernel::state::StateDir;
 use crate::exit::{FAILED, Failure, WithCode as _};
 
 pub fn cleanup(state_dir: Option<std::path::PathBuf>) -> Result<i32, Failure> {
-    super::run::require_privileges()?;
+    crate::session::require_privileges()?;
     let state = StateDir::open(state_dir).code(FAILED)?;
     let lock = state.lock().code(FAILED)?;
     let removed = crate::sandbox::cleanup_stale(&state, true);

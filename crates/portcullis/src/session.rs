@@ -1,0 +1,334 @@
+//! One sandboxed execution of CMD, shared by `run` and `learn`: privileges, the helper
+//! process, the sandbox's links and table, the relay, the NFLOG reader, signals, and teardown
+//! on every path. Kernel work runs on the calling thread, synchronously, so that teardown also
+//! runs from `Drop` when anything fails or panics; the relay runs on a small tokio runtime
+//! beside it. Signals are read by one thread: during set-up any signal aborts; once CMD runs,
+//! signals sent by other processes are forwarded to it (a terminal's ^C already reached it).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+use anyhow::Context as _;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use portcullis_kernel::names::{COUNTER_BLOCKED, SandboxId};
+use portcullis_kernel::nflog::{BlockedPacket, NflogGroup};
+use portcullis_kernel::nft::apply;
+use portcullis_kernel::nft::ruleset::{RelayPorts, SandboxRules, StaticAllow, sandbox_ruleset};
+use portcullis_kernel::nft::sets::{NetlinkSetWriter, SetWriter};
+use portcullis_kernel::process::{Credentials, Helper, InitSpec, wait_signal};
+use portcullis_kernel::state::StateDir;
+use portcullis_policy::{Action, Policy, Target};
+use portcullis_relay::{DnsReport, QueryObserver, RelayConfig, SandboxCtx, server};
+
+use crate::exit::{CANNOT_EXECUTE, FAILED, Failure, NO_PERMISSION, NOT_FOUND, WithCode as _, fail};
+use crate::sandbox::Sandbox;
+
+/// NFLOG socket buffer of a learning sandbox: room for about 100k logged first packets
+/// should the reader fall behind.
+const LEARN_NFLOG_BUFFER: usize = 32 << 20;
+
+/// What one execution needs.
+pub struct Spec {
+    pub cmd: Vec<String>,
+    pub user: Option<Credentials>,
+    pub pool4: ipnet::Ipv4Net,
+    pub pool6: ipnet::Ipv6Net,
+    pub relay: RelayConfig,
+    pub policy: Arc<Policy>,
+    /// `learn`: egress open, every query reported here, every new flow logged.
+    pub learn: Option<Arc<dyn QueryObserver>>,
+    /// Called on the NFLOG thread for each logged packet: blocked ones for `run`, the first
+    /// packet of each new flow for `learn`.
+    pub on_packet: Box<dyn FnMut(BlockedPacket) + Send>,
+}
+
+impl std::fmt::Debug for Spec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spec")
+            .field("cmd", &self.cmd)
+            .field("learn", &self.learn.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How it ended.
+#[derive(Debug)]
+pub struct Finished {
+    /// CMD's exit status (128+N for signal N).
+    pub code: i32,
+    /// Packets the sandbox's rules dropped.
+    pub blocked: u64,
+    pub dns: DnsReport,
+    /// Times NFLOG lost packets (its socket buffer was full).
+    pub log_overflows: u64,
+}
+
+/// Fails with a one-line message when the capabilities `run` needs are missing.
+pub fn require_privileges() -> Result<(), Failure> {
+    use caps::{CapSet, Capability};
+    let has = |c| caps::has_cap(None, CapSet::Effective, c).unwrap_or(false);
+    let missing: Vec<&str> = [
+        (Capability::CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (Capability::CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(c, _)| !has(*c))
+    .map(|(_, n)| n)
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(fail(
+            NO_PERMISSION,
+            format!(
+                "missing privileges: {} (run portcullis as root, e.g. with sudo)",
+                missing.join(" and ")
+            ),
+        ))
+    }
+}
+
+/// Finds CMD the way execvp will, to fail early with a clear message.
+fn find_command(cmd: &str) -> Result<PathBuf, Failure> {
+    use nix::unistd::{AccessFlags, access};
+    let check = |p: &Path| -> Option<Result<PathBuf, Failure>> {
+        if !p.is_file() {
+            return None;
+        }
+        Some(match access(p, AccessFlags::X_OK) {
+            Ok(()) => Ok(p.to_owned()),
+            Err(e) => Err(fail(CANNOT_EXECUTE, format!("cannot run {cmd}: {e}"))),
+        })
+    };
+    if cmd.contains('/') {
+        return check(Path::new(cmd))
+            .unwrap_or_else(|| Err(fail(NOT_FOUND, format!("command not found: {cmd}"))));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .find_map(|dir| check(&dir.join(cmd)))
+        .unwrap_or_else(|| Err(fail(NOT_FOUND, format!("command not found: {cmd}"))))
+}
+
+/// The signal thread's view of the run.
+#[derive(Debug, Default)]
+struct Signals {
+    helper: AtomicI32,
+    started: AtomicBool,
+    aborted: AtomicI32,
+}
+
+fn spawn_signal_thread(sig: Arc<Signals>) {
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            while let Ok((s, from_kernel)) = wait_signal() {
+                let helper = sig.helper.load(Ordering::SeqCst);
+                if !sig.started.load(Ordering::SeqCst) {
+                    // Nothing runs yet: stop setting up; the main thread tears down.
+                    sig.aborted.store(s as i32, Ordering::SeqCst);
+                    if helper > 0 {
+                        let _ = kill(Pid::from_raw(helper), Signal::SIGKILL);
+                    }
+                } else if !from_kernel && helper > 0 {
+                    let _ = kill(Pid::from_raw(helper), s);
+                }
+            }
+        });
+}
+
+fn nflog_candidates(id: &SandboxId) -> impl Iterator<Item = u16> {
+    let base = u16::from_str_radix(&id.as_str()[..4], 16).unwrap_or(0) % 0x8000;
+    (0..256u16).map(move |i| 0x7000 + (base.wrapping_add(i * 17) % 0x8000))
+}
+
+/// Sets up the sandbox, runs CMD in it to the end, tears everything down.
+pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failure> {
+    let Spec {
+        cmd,
+        user,
+        pool4,
+        pool6,
+        relay,
+        policy,
+        learn,
+        on_packet,
+    } = spec;
+    require_privileges()?;
+    find_command(&cmd[0])?;
+    let state = StateDir::open(state_dir).code(FAILED)?;
+    let signals = Arc::new(Signals::default());
+    spawn_signal_thread(signals.clone());
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("relay")
+        .enable_all()
+        .build()
+        .context("start the relay runtime")
+        .code(FAILED)?;
+    let netlink = Arc::new(NetlinkSetWriter::open().code(FAILED)?);
+    let writer: Arc<dyn SetWriter> = netlink.clone();
+
+    let id = SandboxId::random();
+    let resolv_path = state.resolv_conf(&id);
+    let exe = std::fs::read_link("/proc/self/exe")
+        .context("find own executable")
+        .code(FAILED)?;
+    let init = InitSpec {
+        argv: cmd,
+        user,
+        resolv_conf: resolv_path.clone(),
+    };
+    let mut helper = Helper::spawn(&exe, &init).code(FAILED)?;
+    signals
+        .helper
+        .store(helper.child.id() as i32, Ordering::SeqCst);
+    let aborted = |s: &Signals| -> Result<(), Failure> {
+        match s.aborted.load(Ordering::SeqCst) {
+            0 => Ok(()),
+            n => Err(fail(
+                128 + n,
+                format!("interrupted by signal {n} while setting up"),
+            )),
+        }
+    };
+    helper
+        .wait_ready()
+        .code(FAILED)
+        .and_then(|()| aborted(&signals))
+        .map_err(|e| aborted(&signals).err().unwrap_or(e))?;
+
+    let mut sandbox = Sandbox::create(
+        &state,
+        id.clone(),
+        pool4,
+        pool6,
+        &helper.netns_path(),
+        netlink.clone(),
+    )
+    .code(FAILED)?;
+    aborted(&signals)?;
+    let a = sandbox.addressing.clone();
+    let (udp4, tcp4, udp6, tcp6) = rt
+        .block_on(async {
+            Ok::<_, std::io::Error>((
+                tokio::net::UdpSocket::bind((a.host4, 0)).await?,
+                tokio::net::TcpListener::bind((a.host4, 0)).await?,
+                tokio::net::UdpSocket::bind((a.host6, 0)).await?,
+                tokio::net::TcpListener::bind((a.host6, 0)).await?,
+            ))
+        })
+        .context("bind the DNS relay")
+        .code(FAILED)?;
+    let port = |r: std::io::Result<std::net::SocketAddr>| {
+        r.map(|s| s.port())
+            .context("bind the DNS relay")
+            .code(FAILED)
+    };
+    let ports = RelayPorts {
+        udp4: port(udp4.local_addr())?,
+        tcp4: port(tcp4.local_addr())?,
+        udp6: port(udp6.local_addr())?,
+        tcp6: port(tcp6.local_addr())?,
+    };
+    let nflog = NflogGroup::bind_any(nflog_candidates(&id)).code(FAILED)?;
+    if learn.is_some() {
+        nflog.enlarge_buffer(LEARN_NFLOG_BUFFER).code(FAILED)?;
+    }
+    let lost = nflog.lost_counter();
+    sandbox.record_nflog_group(nflog.group).code(FAILED)?;
+    let statics: Vec<StaticAllow> = policy
+        .rules
+        .iter()
+        .filter(|r| r.action == Action::Allow)
+        .filter_map(|r| match &r.target {
+            Target::Cidr(net) => Some(StaticAllow {
+                net: *net,
+                ports: cidr_ports(&r.ports, &r.protocols),
+            }),
+            Target::Domain(_) => None,
+        })
+        .collect();
+    let rules = sandbox_ruleset(&SandboxRules {
+        id: &id,
+        addressing: &a,
+        relay: ports,
+        statics: &statics,
+        nflog_group: nflog.group,
+        learn: learn.is_some(),
+    });
+    apply::apply(&rules, &format!("create nft table {}", id.table())).code(FAILED)?;
+    std::fs::write(
+        &resolv_path,
+        format!(
+            "# written by portcullis: the sandbox's only resolver\nnameserver {}\nnameserver {}\n",
+            a.host4, a.host6
+        ),
+    )
+    .with_context(|| format!("write {}", resolv_path.display()))
+    .code(FAILED)?;
+
+    let mut ctx = SandboxCtx::new(id.table(), sandbox.peers(), policy, writer);
+    if let Some(observer) = learn {
+        ctx = ctx.learning(observer);
+    }
+    let ctx = Arc::new(ctx);
+    let cfg = Arc::new(relay);
+    rt.spawn(server::serve_udp(udp4, ctx.clone(), cfg.clone()));
+    rt.spawn(server::serve_tcp(tcp4, ctx.clone(), cfg.clone()));
+    rt.spawn(server::serve_udp(udp6, ctx.clone(), cfg.clone()));
+    rt.spawn(server::serve_tcp(tcp6, ctx.clone(), cfg.clone()));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = nflog.spawn_reader(stop.clone(), on_packet).code(FAILED)?;
+
+    aborted(&signals)?;
+    signals.started.store(true, Ordering::SeqCst);
+    helper.go().code(FAILED)?;
+    let code = helper.wait().code(FAILED)?;
+    sandbox.netns_gone();
+
+    // CMD is gone: read what the kernel counted before the table goes, then tear down.
+    let blocked = netlink
+        .counter_packets(&id.table(), COUNTER_BLOCKED)
+        .unwrap_or(0);
+    stop.store(true, Ordering::Relaxed);
+    // `learn` needs every logged packet: wait for the reader to drain what is queued (it
+    // notices `stop` within its receive timeout). `run`'s report can do without the last
+    // moment's blocked packets sooner than it can wait.
+    if ctx.is_learning() {
+        let _ = reader.join();
+    } else {
+        drop(reader);
+    }
+    rt.shutdown_background();
+    for e in sandbox.teardown() {
+        eprintln!("portcullis: teardown: {e}");
+    }
+    Ok(Finished {
+        code,
+        blocked,
+        dns: ctx.report(),
+        log_overflows: lost.load(Ordering::Relaxed),
+    })
+}
+
+/// The (protocol, port) pairs a CIDR rule allows; empty means everything.
+fn cidr_ports(
+    ports: &[u16],
+    protocols: &[portcullis_policy::Protocol],
+) -> Vec<(portcullis_policy::Protocol, u16)> {
+    use portcullis_policy::Protocol;
+    let protos: Vec<Protocol> = if protocols.is_empty() {
+        vec![Protocol::Tcp, Protocol::Udp]
+    } else {
+        protocols.to_vec()
+    };
+    ports
+        .iter()
+        .flat_map(|p| protos.iter().map(move |pr| (*pr, *p)))
+        .collect()
+}
