@@ -4,6 +4,10 @@
 //! `log-queries` logs (`dnsmasq`) and replaying logs against a policy (`check`).
 #![forbid(unsafe_code)]
 
-pub mod log;
+pub mod check;
+pub mod collapse;
+pub mod dnsmasq;
 pub mod formats;
+pub mod log;
+pub mod read;
 pub mod writer;

@@ -22,6 +22,8 @@ use serde::{Deserialize, Serialize};
 pub const SCHEMA: &str = "portcullis-learn-log";
 /// The schema version this build writes and reads.
 pub const VERSION: u32 = 1;
+/// The `source` of logs written by `portcullis learn`.
+pub const LEARN_SOURCE: &str = "portcullis learn";
 
 /// One line of a learn log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

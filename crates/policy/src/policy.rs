@@ -340,6 +340,18 @@ impl Policy {
         Decision::Allow(access)
     }
 
+    /// Indexes into `rules` of every domain rule, allow and deny, whose pattern matches
+    /// `name`, ascending (for `policy check`'s report of rules never used). Which of them
+    /// decide is `decide`'s business: deny wins.
+    pub fn matching_rules(&self, name: &DomainName) -> Vec<usize> {
+        let mut out = Vec::new();
+        self.allow.for_each_match(name, |&i| out.push(i));
+        self.deny.for_each_match(name, |&i| out.push(i));
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// A deny rule matches `name` (used for names inside CNAME chains).
     pub fn is_denied_explicitly(&self, name: &DomainName) -> bool {
         self.deny.is_match(name)
@@ -836,5 +848,27 @@ domain = "evil.example.org"
             toml::Value::try_from(Protocol::Udp).unwrap().as_str(),
             Some("udp")
         );
+    }
+
+    #[test]
+    fn matching_rules_lists_allow_and_deny_rules() {
+        let policy = Policy::from_toml_str(
+            r#"
+[[allow]]
+domain = "a.example.com"
+[[allow]]
+domains = ["**.example.com", "b.example.org"]
+[[allow]]
+cidr = "192.0.2.0/24"
+[[deny]]
+domain = "*.example.com"
+"#,
+            "p",
+        )
+        .unwrap();
+        assert_eq!(policy.matching_rules(&name("a.example.com")), vec![0, 1, 4]);
+        assert_eq!(policy.matching_rules(&name("x.y.example.com")), vec![1]);
+        assert_eq!(policy.matching_rules(&name("b.example.org")), vec![2]);
+        assert!(policy.matching_rules(&name("other.net")).is_empty());
     }
 }

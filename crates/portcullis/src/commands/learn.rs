@@ -167,7 +167,7 @@ pub fn learn(args: LearnArgs, state_dir: Option<PathBuf>) -> Result<i32, Failure
                 .code(USAGE)?;
             inner.file = Some(BufWriter::new(f));
         }
-        inner.push(Event::header("portcullis learn", &opts.cmd));
+        inner.push(Event::header(log::LEARN_SOURCE, &opts.cmd));
     }
     let rec2 = recorder.clone();
     let done = session::execute(
