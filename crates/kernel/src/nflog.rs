@@ -28,6 +28,19 @@ pub struct BlockedPacket {
     pub dport: Option<u16>,
 }
 
+impl BlockedPacket {
+    /// The protocol by name: "tcp", "udp", "icmp", "icmpv6", or "proto-N".
+    pub fn protocol_name(&self) -> String {
+        match self.proto {
+            1 => "icmp".into(),
+            6 => "tcp".into(),
+            17 => "udp".into(),
+            58 => "icmpv6".into(),
+            n => format!("proto-{n}"),
+        }
+    }
+}
+
 /// Parses the network header of a logged packet.
 pub fn parse_packet(p: &[u8]) -> Option<BlockedPacket> {
     let version = p.first()? >> 4;

@@ -127,7 +127,7 @@ impl DeniedName {
                 "its answer's CNAME chain holds {cname}, denied by rule: {}",
                 describe(policy, *rule)
             ),
-            DenyReason::Invalid(why) => format!("not a valid domain name: {why}"),
+            DenyReason::Invalid(why) => format!("no rule can allow this name: {why}"),
         }
     }
 }
@@ -165,8 +165,13 @@ fn describe(policy: &Policy, index: usize) -> String {
 }
 
 impl CheckResult {
+    /// Whether nothing a policy could allow would be denied or blocked (names no rule can
+    /// name, `DenyReason::Invalid`, are listed but do not count).
     pub fn is_clean(&self) -> bool {
-        self.denied.is_empty() && self.blocked.is_empty()
+        self.denied
+            .iter()
+            .all(|d| matches!(d.reason, DenyReason::Invalid(_)))
+            && self.blocked.is_empty()
     }
 
     /// The report `policy check` prints: a summary line, the denied names and blocked flows
@@ -286,10 +291,14 @@ impl Replay<'_> {
 
     fn query(&mut self, q: &Query) {
         self.queries += 1;
-        let name = match DomainName::parse(&q.name) {
+        // A name no rule can allow (the writer skips it too) is listed, but cannot fail the
+        // check: no change to the policy would let it through.
+        let name = match crate::writer::policy_name(&q.name)
+            .and_then(|_| DomainName::parse(&q.name).map_err(|e| e.to_string()))
+        {
             Ok(n) => n,
             Err(e) => {
-                self.deny(q.name.clone(), DenyReason::Invalid(e.to_string()));
+                self.deny(q.name.clone(), DenyReason::Invalid(e));
                 return;
             }
         };
@@ -577,7 +586,7 @@ domain = "never.example.org"
             ]
         );
         assert!(
-            denied[0].2.starts_with("not a valid domain name"),
+            denied[0].2.starts_with("no rule can allow this name"),
             "{}",
             denied[0].2
         );
@@ -676,6 +685,11 @@ domain = "never.example.org"
 
     #[test]
     fn empty_policy_and_empty_log() {
+        // A name no rule could allow is listed, but the check stays clean: no policy fixes it.
+        let r = check(&Policy::default(), &[query("10.0.0.1", &[])]);
+        assert_eq!(r.denied.len(), 1);
+        assert!(r.is_clean(), "{r:?}");
+        assert!(r.suggested_allow.is_empty());
         let r = check(&Policy::default(), &[]);
         assert!(r.is_clean());
         assert!(r.unused_rules.is_empty());

@@ -108,8 +108,8 @@ pub struct End {
     pub exit_code: i32,
     pub queries: u64,
     pub flows: u64,
-    /// Flows the kernel reported lost (a full NFLOG queue): non-zero means the log is
-    /// incomplete.
+    /// Times the kernel reported logged packets lost (a full NFLOG socket buffer), each time
+    /// one flow or more: non-zero means the log is incomplete.
     #[serde(default)]
     pub flows_lost: u64,
 }

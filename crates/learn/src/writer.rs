@@ -279,7 +279,9 @@ pub fn target_order(a: &Target, b: &Target) -> Ordering {
 
 /// A name from the log as a name: lowercase, one trailing dot dropped, IDN as punycode;
 /// `None` (with the reason) for what a policy cannot hold, wildcards included.
-fn parse_name(raw: &str) -> Result<DomainPattern, String> {
+/// The exact-name pattern a rule for a queried name would hold; an error (the reason) when no
+/// rule can name it: not a valid name, a numeric last label, the root, a wildcard label.
+pub fn policy_name(raw: &str) -> Result<DomainPattern, String> {
     match DomainPattern::parse(raw) {
         Ok(p) if p.kind() == PatternKind::Exact => Ok(p),
         Ok(_) => Err(format!(
@@ -306,7 +308,7 @@ pub fn suggest(events: &[Event], opts: &Options) -> Suggestion {
     // Logs that `portcullis learn` wrote end with an `end` event; imported ones have none.
     let mut learn_logs = 0u64;
 
-    let name_of = |raw: &str, warnings: &mut BTreeSet<String>| match parse_name(raw) {
+    let name_of = |raw: &str, warnings: &mut BTreeSet<String>| match policy_name(raw) {
         Ok(n) => Some(n),
         Err(w) => {
             warnings.insert(w);
@@ -358,8 +360,8 @@ pub fn suggest(events: &[Event], opts: &Options) -> Suggestion {
                 counts.flows_lost += e.flows_lost;
                 if e.flows_lost > 0 {
                     warnings.insert(format!(
-                        "{} flow(s) were lost while learning: the log is incomplete, \
-                         rules may be missing",
+                        "the kernel lost logged flows {} time(s) while learning: the log is \
+                         incomplete, rules may be missing",
                         e.flows_lost
                     ));
                 }
@@ -685,7 +687,7 @@ mod tests {
     }
 
     fn valid(name: &str) -> Option<DomainName> {
-        parse_name(name).ok().map(|p| p.base().clone())
+        policy_name(name).ok().map(|p| p.base().clone())
     }
 
     /// The policy allows every valid queried name, and every flow's name, port and protocol.
@@ -923,7 +925,10 @@ mod tests {
         events.push(varied_log().remove(0));
         let s = suggest(&events, &Options::default());
         let all = s.warnings.join("\n");
-        assert!(all.contains("7 flow(s) were lost"), "{all}");
+        assert!(
+            all.contains("the kernel lost logged flows 7 time(s)"),
+            "{all}"
+        );
         assert!(all.contains("exited with status 3"), "{all}");
         assert!(all.contains("1 log(s) have no end event"), "{all}");
     }

@@ -61,6 +61,23 @@ pub enum DenyResponse {
     Refused,
 }
 
+/// The sandbox options `run` and `learn` share.
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    /// Upstream resolver [default: the nameservers of /etc/resolv.conf].
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    pub upstream_dns: Vec<String>,
+    /// Run CMD as USER[:GROUP] [default: the sudo caller, else root without capabilities].
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
+    /// IPv4 pool for sandbox addresses (a /30 each).
+    #[arg(long, value_name = "CIDR", default_value = portcullis_kernel::addrpool::DEFAULT_POOL4, env = "PORTCULLIS_POOL4")]
+    pub pool4: ipnet::Ipv4Net,
+    /// IPv6 pool for sandbox addresses (a /64 each).
+    #[arg(long, value_name = "CIDR", default_value = portcullis_kernel::addrpool::DEFAULT_POOL6, env = "PORTCULLIS_POOL6")]
+    pub pool6: ipnet::Ipv6Net,
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Allow a domain pattern (example.com, *.example.com, **.example.com) or an address/CIDR.
@@ -72,12 +89,8 @@ pub struct RunArgs {
     /// TOML policy file (allow and deny rules, ports, protocols, CIDRs).
     #[arg(long, value_name = "FILE")]
     pub policy: Vec<PathBuf>,
-    /// Upstream resolver [default: the nameservers of /etc/resolv.conf].
-    #[arg(long, value_name = "ADDR[:PORT]")]
-    pub upstream_dns: Vec<String>,
-    /// Run CMD as USER[:GROUP] [default: the sudo caller, else root without capabilities].
-    #[arg(long, value_name = "USER[:GROUP]")]
-    pub user: Option<String>,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
     /// Answer for denied names.
     #[arg(long, value_enum, default_value_t = DenyResponse::Nxdomain)]
     pub deny_response: DenyResponse,
@@ -90,12 +103,6 @@ pub struct RunArgs {
     /// Write the end-of-run report (denied names, blocked flows, suggested rules) as JSON.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
-    /// IPv4 pool for sandbox addresses (a /30 each).
-    #[arg(long, value_name = "CIDR", default_value = portcullis_kernel::addrpool::DEFAULT_POOL4, env = "PORTCULLIS_POOL4")]
-    pub pool4: ipnet::Ipv4Net,
-    /// IPv6 pool for sandbox addresses (a /64 each).
-    #[arg(long, value_name = "CIDR", default_value = portcullis_kernel::addrpool::DEFAULT_POOL6, env = "PORTCULLIS_POOL6")]
-    pub pool6: ipnet::Ipv6Net,
     /// The command and its arguments.
     #[arg(required = true, last = true, value_name = "CMD")]
     pub cmd: Vec<String>,
@@ -144,18 +151,8 @@ pub struct LearnArgs {
     /// Write the learn log (JSON lines: every query and every flow) to FILE.
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
-    /// Upstream resolver [default: the nameservers of /etc/resolv.conf].
-    #[arg(long, value_name = "ADDR[:PORT]")]
-    pub upstream_dns: Vec<String>,
-    /// Run CMD as USER[:GROUP] [default: the sudo caller, else root without capabilities].
-    #[arg(long, value_name = "USER[:GROUP]")]
-    pub user: Option<String>,
-    /// IPv4 pool for sandbox addresses (a /30 each).
-    #[arg(long, value_name = "CIDR", default_value = portcullis_kernel::addrpool::DEFAULT_POOL4, env = "PORTCULLIS_POOL4")]
-    pub pool4: ipnet::Ipv4Net,
-    /// IPv6 pool for sandbox addresses (a /64 each).
-    #[arg(long, value_name = "CIDR", default_value = portcullis_kernel::addrpool::DEFAULT_POOL6, env = "PORTCULLIS_POOL6")]
-    pub pool6: ipnet::Ipv6Net,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
     /// The command and its arguments.
     #[arg(required = true, last = true, value_name = "CMD")]
     pub cmd: Vec<String>,

@@ -157,12 +157,12 @@ impl LearnOptions {
     pub fn from_args(a: LearnArgs) -> anyhow::Result<Self> {
         Ok(LearnOptions {
             relay: portcullis_relay::RelayConfig {
-                upstreams: upstreams(&a.upstream_dns)?,
+                upstreams: upstreams(&a.sandbox.upstream_dns)?,
                 ..Default::default()
             },
-            user: credentials(a.user.as_deref())?,
-            pool4: a.pool4,
-            pool6: a.pool6,
+            user: credentials(a.sandbox.user.as_deref())?,
+            pool4: a.sandbox.pool4,
+            pool6: a.sandbox.pool6,
             output: a.write.output,
             format: format(a.write.format),
             collapse: a.write.collapse.map(|n| n as usize),
@@ -193,7 +193,7 @@ impl RunOptions {
             );
         }
         let policy = Policy::new(rules);
-        let upstreams = upstreams(&a.upstream_dns)?;
+        let upstreams = upstreams(&a.sandbox.upstream_dns)?;
         if a.min_ttl > a.max_ttl {
             bail!(
                 "--min-ttl {} is larger than --max-ttl {}",
@@ -214,10 +214,10 @@ impl RunOptions {
         Ok(RunOptions {
             policy: Arc::new(policy),
             relay,
-            user: credentials(a.user.as_deref())?,
+            user: credentials(a.sandbox.user.as_deref())?,
             report: a.report,
-            pool4: a.pool4,
-            pool6: a.pool6,
+            pool4: a.sandbox.pool4,
+            pool6: a.sandbox.pool6,
             cmd: a.cmd,
         })
     }

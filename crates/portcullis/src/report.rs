@@ -39,16 +39,6 @@ pub struct Report {
     pub suggested_allow: Vec<String>,
 }
 
-fn proto_name(p: u8) -> String {
-    match p {
-        1 => "icmp".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        58 => "icmpv6".into(),
-        n => format!("proto-{n}"),
-    }
-}
-
 /// Whether the policy allows `name` for this packet's protocol and port.
 fn permits(policy: &Policy, name: &str, p: &BlockedPacket) -> bool {
     let Ok(name) = DomainName::parse(name) else {
@@ -85,9 +75,9 @@ impl Report {
                     .map(|s| s.iter().cloned().collect())
                     .unwrap_or_default();
                 let destination = match (p.dst, p.dport) {
-                    (IpAddr::V6(a), Some(port)) => format!("[{a}]:{port}/{}", proto_name(p.proto)),
-                    (a, Some(port)) => format!("{a}:{port}/{}", proto_name(p.proto)),
-                    (a, None) => format!("{a}/{}", proto_name(p.proto)),
+                    (IpAddr::V6(a), Some(port)) => format!("[{a}]:{port}/{}", p.protocol_name()),
+                    (a, Some(port)) => format!("{a}:{port}/{}", p.protocol_name()),
+                    (a, None) => format!("{a}/{}", p.protocol_name()),
                 };
                 let reason = if names.is_empty() {
                     suggested.push(p.dst.to_string());
@@ -106,7 +96,7 @@ impl Report {
                 BlockedFlow {
                     destination,
                     address: p.dst,
-                    protocol: proto_name(p.proto),
+                    protocol: p.protocol_name(),
                     port: p.dport,
                     packets: *n,
                     names,

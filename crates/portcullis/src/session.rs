@@ -296,17 +296,18 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         .counter_packets(&id.table(), COUNTER_BLOCKED)
         .unwrap_or(0);
     stop.store(true, Ordering::Relaxed);
-    // `learn` needs every logged packet: wait for the reader to drain what is queued (it
-    // notices `stop` within its receive timeout). `run`'s report can do without the last
-    // moment's blocked packets sooner than it can wait.
+    rt.shutdown_background();
+    for e in sandbox.teardown() {
+        eprintln!("portcullis: teardown: {e}");
+    }
+    // `learn` needs every logged packet: after teardown (which must not wait on it), wait for
+    // the reader to drain what the socket holds; it notices `stop` within its receive
+    // timeout. `run`'s report can do without the last moment's blocked packets sooner than
+    // it can wait.
     if ctx.is_learning() {
         let _ = reader.join();
     } else {
         drop(reader);
-    }
-    rt.shutdown_background();
-    for e in sandbox.teardown() {
-        eprintln!("portcullis: teardown: {e}");
     }
     Ok(Finished {
         code,

@@ -110,8 +110,7 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
 		ip6 daddr {h6} udp dport {u6} accept
 		ip6 daddr {h6} tcp dport {t6} accept
 		icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept
-		limit rate {LOG_RATE_PER_SECOND}/second burst {LOG_BURST} packets log group {g}
-		counter name {COUNTER_BLOCKED} drop
+{host_log}		counter name {COUNTER_BLOCKED} drop
 	}}
 
 	chain forward {{
@@ -139,7 +138,16 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
         t4 = p.tcp4,
         u6 = p.udp6,
         t6 = p.tcp6,
-        g = r.nflog_group,
+        // A learning sandbox's group carries its flows only: what the host drops is no
+        // destination a policy could allow.
+        host_log = if r.learn {
+            String::new()
+        } else {
+            format!(
+                "\t\tlimit rate {LOG_RATE_PER_SECOND}/second burst {LOG_BURST} packets log group {}\n",
+                r.nflog_group
+            )
+        },
         learn = if r.learn {
             format!(
                 "\t\t# Learning: every new flow is logged once, then let through.\n\
@@ -325,6 +333,10 @@ mod tests {
             .unwrap();
         assert!(spoof < log);
         assert!(egress[log..].contains("\t\taccept\n"));
+        // What the host drops is not logged as a flow of the job.
+        let input =
+            &text[text.find("chain host_input").unwrap()..text.find("chain forward").unwrap()];
+        assert!(!input.contains("log group"));
         // The DNS redirect is the same as in run: every query reaches the relay.
         assert!(text.contains("udp dport 53 dnat ip to 203.0.113.129:1001"));
     }

@@ -2,12 +2,17 @@
 //! answers and the first packet of every new flow (from NFLOG, not polling) go to the learn
 //! log, each flow with the names whose answers held its address; at the end the policy the
 //! job needs is written in the chosen format.
+//!
+//! The relay's tasks and the NFLOG thread only look up names and queue events; one writer
+//! thread does the file I/O, so a slow `--log` never delays a DNS answer or the NFLOG reader.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write as _};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
@@ -26,61 +31,62 @@ use crate::session::{self, Spec};
 /// lists the first ones.
 const NAMES_PER_ADDRESS: usize = 16;
 
-/// The learn log as it is written: events in memory for the policy writer, and on disk with
-/// `--log`, line by line.
-#[derive(Debug, Default)]
+/// Where events go: attribution state, and the queue to the writer thread.
+#[derive(Debug)]
 struct Recorder {
-    inner: Mutex<Inner>,
+    names_of: Mutex<HashMap<IpAddr, BTreeSet<String>>>,
+    queue: Mutex<Option<Sender<Event>>>,
+    queries: AtomicU64,
+    flows: AtomicU64,
 }
 
-#[derive(Debug, Default)]
-struct Inner {
-    events: Vec<Event>,
-    file: Option<BufWriter<File>>,
-    /// The first write error; the log is incomplete from there on.
-    error: Option<String>,
-    names_of: HashMap<IpAddr, BTreeSet<String>>,
-    queries: u64,
-    flows: u64,
-}
-
-impl Inner {
-    fn push(&mut self, e: Event) {
-        if let Some(f) = &mut self.file
-            && self.error.is_none()
+impl Recorder {
+    fn send(&self, e: Event) {
+        if let Ok(q) = self.queue.lock()
+            && let Some(tx) = q.as_ref()
         {
-            // One line per write, flushed: a killed learn run keeps what it saw.
-            if let Err(err) = f.write_all(e.to_line().as_bytes()).and_then(|()| f.flush()) {
-                self.error = Some(err.to_string());
-            }
+            let _ = tx.send(e);
         }
-        self.events.push(e);
     }
-}
 
-fn protocol_name(p: u8) -> String {
-    match p {
-        1 => "icmp".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        58 => "icmpv6".into(),
-        n => format!("proto-{n}"),
+    /// Closes the queue: events after this (a relay task finishing late) are dropped, so the
+    /// `end` event stays last.
+    fn close(&self) -> Option<Sender<Event>> {
+        self.queue.lock().ok().and_then(|mut q| q.take())
+    }
+
+    fn flow(&self, p: BlockedPacket) {
+        let names = self
+            .names_of
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&p.dst).map(|s| s.iter().cloned().collect()))
+            .unwrap_or_default();
+        self.flows.fetch_add(1, Ordering::Relaxed);
+        self.send(Event::Flow(Flow {
+            time: log::now(),
+            protocol: p.protocol_name(),
+            address: p.dst,
+            port: p.dport,
+            names,
+            packets: None,
+            bytes: None,
+        }));
     }
 }
 
 impl QueryObserver for Recorder {
     fn observed(&self, q: Observed) {
-        let Ok(mut inner) = self.inner.lock() else {
-            return;
-        };
-        for a in &q.answers {
-            let names = inner.names_of.entry(*a).or_default();
-            if names.len() < NAMES_PER_ADDRESS {
-                names.insert(q.name.clone());
+        if let Ok(mut m) = self.names_of.lock() {
+            for a in &q.answers {
+                let names = m.entry(*a).or_default();
+                if names.len() < NAMES_PER_ADDRESS {
+                    names.insert(q.name.clone());
+                }
             }
         }
-        inner.queries += 1;
-        inner.push(Event::Query(Query {
+        self.queries.fetch_add(1, Ordering::Relaxed);
+        self.send(Event::Query(Query {
             time: log::now(),
             name: q.name,
             qtype: q.qtype,
@@ -92,85 +98,158 @@ impl QueryObserver for Recorder {
     }
 }
 
-impl Recorder {
-    fn flow(&self, p: BlockedPacket) {
-        let Ok(mut inner) = self.inner.lock() else {
-            return;
-        };
-        let names = inner
-            .names_of
-            .get(&p.dst)
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default();
-        inner.flows += 1;
-        inner.push(Event::Flow(Flow {
-            time: log::now(),
-            protocol: protocol_name(p.proto),
-            address: p.dst,
-            port: p.dport,
-            names,
-            packets: None,
-            bytes: None,
-        }));
-    }
+/// What the writer thread hands back: every event, and the first write error.
+struct Written {
+    events: Vec<Event>,
+    error: Option<String>,
 }
 
-/// Fails before CMD runs when FILE's directory does not exist.
-fn check_writable(path: &Path, what: &str) -> Result<(), Failure> {
-    let dir = match path.parent() {
+/// Keeps every event for the policy writer and, with `--log`, writes each as one line and
+/// flushes it, so that a killed learn run keeps what it saw.
+fn spawn_writer(
+    rx: Receiver<Event>,
+    mut file: Option<BufWriter<File>>,
+) -> std::io::Result<std::thread::JoinHandle<Written>> {
+    std::thread::Builder::new()
+        .name("learn-log".into())
+        .spawn(move || {
+            let mut out = Written {
+                events: Vec::new(),
+                error: None,
+            };
+            while let Ok(e) = rx.recv() {
+                if let Some(f) = &mut file
+                    && out.error.is_none()
+                    && let Err(err) = f.write_all(e.to_line().as_bytes()).and_then(|()| f.flush())
+                {
+                    out.error = Some(err.to_string());
+                }
+                out.events.push(e);
+            }
+            out
+        })
+}
+
+/// The directory `path` is written in.
+fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
-    };
-    if dir.is_dir() {
-        Ok(())
-    } else {
-        Err(fail(
-            USAGE,
-            format!(
-                "cannot write {what} {}: no directory {}",
-                path.display(),
-                dir.display()
-            ),
-        ))
     }
 }
 
-/// Writes `text` to `path` through a temporary file in the same directory, so that a reader
-/// never sees half a policy. Anything but a regular file is written in place.
-pub(crate) fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
-    // Not a regular file (/dev/stdout, a FIFO, /dev/null): written in place, never replaced.
-    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
-        return std::fs::write(path, text).with_context(|| format!("write {}", path.display()));
+/// Fails before CMD runs when `path` cannot be written: its directory must exist and take
+/// a new file.
+fn check_writable(path: &Path, what: &str) -> Result<(), Failure> {
+    if path.is_dir() {
+        return Err(fail(
+            USAGE,
+            format!(
+                "cannot write {what} to {}: it is a directory",
+                path.display()
+            ),
+        ));
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".portcullis-tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))
+    tempfile::Builder::new()
+        .prefix(".portcullis-")
+        .tempfile_in(dir_of(path))
+        .map(drop)
+        .map_err(|e| {
+            fail(
+                USAGE,
+                format!("cannot write {what} {}: {e}", path.display()),
+            )
+        })
 }
+
+/// Writes `text` to `path` through a new temporary file in the same directory (random name,
+/// created exclusively), synced and renamed over it: a reader never sees half a policy. A
+/// symlink is followed to the file it names; an existing file keeps its permissions.
+/// Anything but a regular file (/dev/stdout, a FIFO) is written in place, never replaced.
+pub(crate) fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+    let path = match std::fs::canonicalize(path) {
+        Ok(real) => real,
+        Err(_) => path.to_owned(),
+    };
+    let existing = std::fs::metadata(&path).ok();
+    if existing.as_ref().is_some_and(|m| !m.is_file()) {
+        return std::fs::write(&path, text).with_context(|| format!("write {}", path.display()));
+    }
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".portcullis-")
+        .tempfile_in(dir_of(&path))
+        .with_context(|| format!("write {}", path.display()))?;
+    tmp.write_all(text.as_bytes())
+        .and_then(|()| tmp.as_file().sync_all())
+        .with_context(|| format!("write {}", path.display()))?;
+    if let Some(m) = existing {
+        use std::os::unix::fs::MetadataExt as _;
+        let _ = tmp.as_file().set_permissions(m.permissions());
+        let _ = std::os::unix::fs::fchown(tmp.as_file(), Some(m.uid()), Some(m.gid()));
+    }
+    tmp.persist(&path)
+        .map(drop)
+        .with_context(|| format!("write {}", path.display()))
+}
+
+/// Opens the learn log: a new file, or an existing regular file truncated; a symlink is
+/// refused (root must not be led to overwrite what a link points at).
+fn open_log(path: &Path) -> Result<File, Failure> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)
+        .map_err(|e| {
+            let why = if e.raw_os_error() == Some(ELOOP) {
+                "it is a symbolic link".to_owned()
+            } else {
+                e.to_string()
+            };
+            fail(
+                USAGE,
+                format!("cannot create the learn log {}: {why}", path.display()),
+            )
+        })
+}
+
+const ELOOP: i32 = nix::errno::Errno::ELOOP as i32;
 
 pub fn learn(args: LearnArgs, state_dir: Option<PathBuf>) -> Result<i32, Failure> {
     let opts = LearnOptions::from_args(args).code(USAGE)?;
     if let Some(out) = &opts.output {
         check_writable(out, "the policy")?;
     }
-    let recorder = Arc::new(Recorder::default());
+    if let (Some(out), Some(log)) = (&opts.output, &opts.log)
+        && (out == log
+            || std::fs::canonicalize(out)
+                .ok()
+                .is_some_and(|o| std::fs::canonicalize(log).ok().is_some_and(|l| o == l)))
     {
-        let mut inner = recorder
-            .inner
-            .lock()
-            .map_err(|_| fail(FAILED, "learn log lock poisoned"))?;
-        if let Some(path) = &opts.log {
-            check_writable(path, "the learn log")?;
-            let f = File::create(path)
-                .with_context(|| format!("create the learn log {}", path.display()))
-                .code(USAGE)?;
-            inner.file = Some(BufWriter::new(f));
-        }
-        inner.push(Event::header(log::LEARN_SOURCE, &opts.cmd));
+        return Err(fail(
+            USAGE,
+            format!(
+                "-o and --log name the same file, {}: give them different files",
+                out.display()
+            ),
+        ));
     }
+    let file = opts.log.as_deref().map(open_log).transpose()?;
+    let (tx, rx) = channel();
+    let writer_thread = spawn_writer(rx, file.map(BufWriter::new))
+        .context("start the learn log writer")
+        .code(FAILED)?;
+    let _ = tx.send(Event::header(log::LEARN_SOURCE, &opts.cmd));
+    let recorder = Arc::new(Recorder {
+        names_of: Mutex::default(),
+        queue: Mutex::new(Some(tx)),
+        queries: AtomicU64::new(0),
+        flows: AtomicU64::new(0),
+    });
     let rec2 = recorder.clone();
-    let done = session::execute(
+    let result = session::execute(
         Spec {
             cmd: opts.cmd.clone(),
             user: opts.user.clone(),
@@ -182,25 +261,34 @@ pub fn learn(args: LearnArgs, state_dir: Option<PathBuf>) -> Result<i32, Failure
             on_packet: Box::new(move |p| rec2.flow(p)),
         },
         state_dir,
-    )?;
-
-    let mut inner = recorder
-        .inner
-        .lock()
-        .map_err(|_| fail(FAILED, "learn log lock poisoned"))?;
-    let (queries, flows) = (inner.queries, inner.flows);
-    inner.push(Event::End(End {
-        time: log::now(),
-        exit_code: done.code,
-        queries,
-        flows,
-        flows_lost: done.log_overflows,
-    }));
-    if let Some(e) = &inner.error {
-        return Err(fail(FAILED, format!("writing the learn log failed: {e}")));
+    );
+    // The queue closes either way, so that the writer thread ends.
+    let tx = recorder.close();
+    let done = match result {
+        Ok(done) => done,
+        Err(e) => {
+            drop(tx);
+            let _ = writer_thread.join();
+            return Err(e);
+        }
+    };
+    let (queries, flows) = (
+        recorder.queries.load(Ordering::Relaxed),
+        recorder.flows.load(Ordering::Relaxed),
+    );
+    if let Some(tx) = tx {
+        let _ = tx.send(Event::End(End {
+            time: log::now(),
+            exit_code: done.code,
+            queries,
+            flows,
+            flows_lost: done.log_overflows,
+        }));
     }
-    let events = std::mem::take(&mut inner.events);
-    drop(inner);
+    let written = writer_thread
+        .join()
+        .map_err(|_| fail(FAILED, "the learn log writer failed"))?;
+    let events = written.events;
 
     let suggestion = writer::suggest(
         &events,
@@ -211,13 +299,7 @@ pub fn learn(args: LearnArgs, state_dir: Option<PathBuf>) -> Result<i32, Failure
     let text = formats::render(&suggestion, opts.format);
     match &opts.output {
         Some(path) => write_atomically(path, &text).code(FAILED)?,
-        None => {
-            let mut out = std::io::stdout().lock();
-            out.write_all(text.as_bytes())
-                .and_then(|()| out.flush())
-                .context("write the policy to standard output")
-                .code(FAILED)?;
-        }
+        None => super::policy::write_output(None, &text)?,
     }
     let direct = events
         .iter()
@@ -241,6 +323,13 @@ pub fn learn(args: LearnArgs, state_dir: Option<PathBuf>) -> Result<i32, Failure
             "portcullis: warning: the kernel dropped logged packets {} time(s): the learn log misses flows",
             done.log_overflows
         );
+    }
+    // The policy is out; a broken log is still a failure of this run.
+    if let Some(e) = written.error {
+        return Err(fail(
+            FAILED,
+            format!("writing the learn log failed: {e} (the policy was written)"),
+        ));
     }
     Ok(done.code)
 }

@@ -154,7 +154,7 @@ fn report_junk(label: &str, junk: &[Junk]) {
 }
 
 /// Writes `text` to `path`, or to stdout without one.
-fn write_output(path: Option<&Path>, text: &str) -> Result<(), Failure> {
+pub(crate) fn write_output(path: Option<&Path>, text: &str) -> Result<(), Failure> {
     match path {
         Some(path) => super::learn::write_atomically(path, text).code(FAILED),
         None => {
