@@ -12,6 +12,7 @@ pub mod netns;
 pub mod nflog;
 pub mod nft;
 pub mod process;
+pub mod sockopt;
 pub mod state;
 pub mod sysctl;
 

@@ -4,7 +4,6 @@
 //! kernel allows); binding the group first reserves it before the rules that use it exist.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -133,26 +132,8 @@ impl NflogGroup {
     /// Raises the socket's receive buffer past `net.core.rmem_max` (needs CAP_NET_ADMIN), so
     /// that a burst of logged packets waits in the kernel instead of being lost.
     pub fn enlarge_buffer(&self, bytes: usize) -> Result<()> {
-        let size = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-        // SAFETY: the fd is the open socket owned by `self.socket`; `size` is a c_int whose
-        // size we pass.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(Error::io(
-                format!("enlarge NFLOG group {} buffer", self.group),
-                std::io::Error::last_os_error(),
-            ))
-        }
+        crate::sockopt::force_recv_buffer(&self.socket, bytes)
+            .map_err(|e| Error::io(format!("enlarge NFLOG group {} buffer", self.group), e))
     }
 
     /// Counts overflows of the socket buffer: non-zero means logged packets were lost.
