@@ -6,6 +6,7 @@
 //! This is the only crate with `unsafe`, each block with a `// SAFETY:` line.
 
 pub mod addrpool;
+pub mod cgroup;
 pub mod link;
 pub mod names;
 pub mod netns;

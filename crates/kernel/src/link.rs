@@ -82,11 +82,14 @@ pub fn setup_veth(id: &SandboxId, a: &Addressing, ns_path: &Path) -> Result<()> 
         .map_err(|e| Error::io(format!("open {}", ns_path.display()), e))?;
     let a2 = a.clone();
     let host2 = host.clone();
+    let mac = id.sandbox_mac();
     with_handle(|handle| async move {
         // The peer is created inside the sandbox, already named eth0, in the same request:
         // creating it here and moving it afterwards took twice as long (benchmarks).
+        // Its MAC is set here, known in advance: the anti-spoofing table checks it.
         let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
             .name(SANDBOX_IFNAME.to_owned())
+            .address(mac.to_vec())
             .setns_by_fd(ns.as_raw_fd())
             .build();
         let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
@@ -117,6 +120,14 @@ pub fn setup_veth(id: &SandboxId, a: &Addressing, ns_path: &Path) -> Result<()> 
                 .await
                 .map_err(nl("set lo up in the sandbox"))?;
             let index = index_of(&handle, SANDBOX_IFNAME).await?;
+            // The link-local address is the EUI-64 of the MAC Portcullis set, whatever the
+            // defaults (stable_privacy where a new namespace inherits the host's settings):
+            // the anti-spoofing table allows exactly that one. Set before the link goes up.
+            // `/proc/sys/net` shows the namespace of the thread that opens it; 0 is
+            // IN6_ADDR_GEN_MODE_EUI64.
+            let gen_mode = format!("/proc/sys/net/ipv6/conf/{SANDBOX_IFNAME}/addr_gen_mode");
+            std::fs::write(&gen_mode, "0\n")
+                .map_err(|e| Error::io(format!("write {gen_mode} in the sandbox"), e))?;
             handle
                 .link()
                 .set(LinkUnspec::new_with_index(index).up().build())

@@ -11,6 +11,8 @@ pub const TABLE_PREFIX: &str = "portcullis_";
 pub const GLOBAL_TABLE: &str = "portcullis";
 /// Prefix of every interface (`pc-<id>-h` on the host side, `pc-<id>-s` before it moves).
 pub const IF_PREFIX: &str = "pc-";
+/// Prefix of the cgroup v2 group of a host-mode run (`portcullis-<id>` below the root).
+pub const CGROUP_PREFIX: &str = "portcullis-";
 
 /// Dynamic sets, filled by the DNS relay over netlink.
 pub const SET_ALLOW4: &str = "allow4";
@@ -19,6 +21,8 @@ pub const SET_ALLOW4_PORT: &str = "allow4p";
 pub const SET_ALLOW6_PORT: &str = "allow6p";
 /// Named counter of every packet dropped by the sandbox's egress and host-input chains.
 pub const COUNTER_BLOCKED: &str = "blocked";
+/// Named counter of every frame the anti-spoofing table (`netdev portcullis_<id>`) drops.
+pub const COUNTER_SPOOFED: &str = "spoofed";
 /// Interface name of the sandbox side, inside the sandbox.
 pub const SANDBOX_IFNAME: &str = "eth0";
 
@@ -62,6 +66,38 @@ impl SandboxId {
         format!("{TABLE_PREFIX}{}", self.0)
     }
 
+    /// The sandbox side's MAC address, set by Portcullis when it creates the link:
+    /// `02:70:` and the id's four bytes (locally administered, unicast), so the anti-spoofing
+    /// rules can be written before the link exists.
+    pub fn sandbox_mac(&self) -> [u8; 6] {
+        let mut mac = [0x02, 0x70, 0, 0, 0, 0];
+        for (i, byte) in mac[2..].iter_mut().enumerate() {
+            *byte = self
+                .0
+                .get(2 * i..2 * i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .unwrap_or(0);
+        }
+        mac
+    }
+
+    /// The sandbox's IPv6 link-local address: EUI-64 of `sandbox_mac` under fe80::/64, the
+    /// address its kernel gives `eth0` (Portcullis sets `addr_gen_mode` to EUI-64 there).
+    pub fn sandbox_link_local(&self) -> std::net::Ipv6Addr {
+        let m = self.sandbox_mac();
+        let word = |a: u8, b: u8| u16::from_be_bytes([a, b]);
+        std::net::Ipv6Addr::new(
+            0xfe80,
+            0,
+            0,
+            0,
+            word(m[0] ^ 0x02, m[1]),
+            word(m[2], 0xff),
+            word(0xfe, m[3]),
+            word(m[4], m[5]),
+        )
+    }
+
     /// Host side of the veth pair (13 bytes, below the 15-byte IFNAMSIZ limit).
     pub fn host_ifname(&self) -> String {
         format!("{IF_PREFIX}{}-h", self.0)
@@ -70,6 +106,16 @@ impl SandboxId {
     /// Sandbox side of the veth pair while it is still in the invoking namespace.
     pub fn peer_ifname(&self) -> String {
         format!("{IF_PREFIX}{}-s", self.0)
+    }
+
+    /// The cgroup v2 group of a host-mode run, directly below the hierarchy's root.
+    pub fn cgroup(&self) -> String {
+        format!("{CGROUP_PREFIX}{}", self.0)
+    }
+
+    /// Recognises a cgroup name of ours and returns its id.
+    pub fn from_cgroup(name: &str) -> Option<Self> {
+        name.strip_prefix(CGROUP_PREFIX).and_then(Self::parse)
     }
 
     /// Recognises a table name of ours and returns its id.
@@ -103,7 +149,22 @@ mod tests {
         assert_eq!(SandboxId::from_ifname(&id.peer_ifname()), Some(id.clone()));
         assert_eq!(SandboxId::from_table(&id.table()), Some(id.clone()));
         assert_eq!(SandboxId::from_table(GLOBAL_TABLE), None);
+        assert_eq!(SandboxId::from_cgroup(&id.cgroup()), Some(id.clone()));
         assert_eq!(SandboxId::parse("ABCDEF01"), None);
         assert_eq!(SandboxId::parse("abc"), None);
+    }
+
+    #[test]
+    fn sandbox_mac_and_link_local_follow_the_id() {
+        let id = SandboxId::parse("0a1b2c3d").unwrap();
+        assert_eq!(id.sandbox_mac(), [0x02, 0x70, 0x0a, 0x1b, 0x2c, 0x3d]);
+        assert_eq!(
+            id.sandbox_link_local(),
+            "fe80::70:aff:fe1b:2c3d"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+        );
+        // Locally administered, unicast.
+        assert_eq!(SandboxId::random().sandbox_mac()[0] & 0x03, 0x02);
     }
 }

@@ -3,7 +3,8 @@
 //! `portcullis run` (multithreaded) never does namespace work in a forked child. It re-executes
 //! its own binary as a single-threaded helper (`__sandbox-init`), which:
 //!
-//! 1. unshares network, mount and PID namespaces and reports "ready" on fd 3;
+//! 1. unshares network, mount and PID namespaces (in host mode, mount and PID only) and
+//!    reports "ready" on fd 3;
 //! 2. waits on fd 4 for "go" while the parent wires the network namespace (EOF = abort);
 //! 3. makes its mounts private and bind-mounts the relay's resolv.conf, read-only, over
 //!    /etc/resolv.conf (over its target when it is a symlink);
@@ -66,6 +67,10 @@ pub struct InitSpec {
     pub argv: Vec<String>,
     pub user: Option<Credentials>,
     pub resolv_conf: PathBuf,
+    /// Host mode (`run --host-network`): keep the invoking network namespace; only the mount
+    /// and PID namespaces are new. CMD's traffic is told apart by its cgroup or user instead.
+    #[serde(default)]
+    pub host_network: bool,
 }
 
 /// The helper process while the parent wires its namespace.
@@ -239,9 +244,11 @@ pub fn init_main(spec_json: &str) -> ! {
     if sigprocmask(SigmaskHow::SIG_BLOCK, Some(&all), None).is_err() {
         die("cannot block signals", EXIT_SETUP_FAILED);
     }
-    if let Err(e) =
-        unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
-    {
+    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID;
+    if !spec.host_network {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    if let Err(e) = unshare(flags) {
         die(&format!("cannot create namespaces: {e}"), EXIT_SETUP_FAILED);
     }
     if ready.write_all(b"r").is_err() {

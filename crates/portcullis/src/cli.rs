@@ -64,6 +64,10 @@ pub enum DenyResponse {
 /// The sandbox options `run` and `learn` share.
 #[derive(Debug, Args)]
 pub struct SandboxArgs {
+    /// Publish a port of the host to the sandbox: connections to HOST_PORT (on HOST_ADDR, else
+    /// on every host address and 127.0.0.1) reach SANDBOX_PORT. Default protocol tcp.
+    #[arg(long, value_name = "[HOST_ADDR:]HOST_PORT:SANDBOX_PORT[/tcp|/udp]")]
+    pub publish: Vec<String>,
     /// Upstream resolver [default: the nameservers of /etc/resolv.conf].
     #[arg(long, value_name = "ADDR[:PORT]")]
     pub upstream_dns: Vec<String>,
@@ -103,6 +107,11 @@ pub struct RunArgs {
     /// Write the end-of-run report (denied names, blocked flows, suggested rules) as JSON.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
+    /// Host mode: keep CMD in this network namespace and filter the egress of CMD and its
+    /// descendants by their cgroup v2 group (where cgroup v2 is not usable: by the socket owner,
+    /// a dedicated --user).
+    #[arg(long)]
+    pub host_network: bool,
     /// The command and its arguments.
     #[arg(required = true, last = true, value_name = "CMD")]
     pub cmd: Vec<String>,

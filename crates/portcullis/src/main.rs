@@ -5,6 +5,7 @@
 mod cli;
 mod commands;
 mod exit;
+mod host_session;
 mod options;
 mod report;
 mod sandbox;

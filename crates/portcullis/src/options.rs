@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow, bail};
+use portcullis_kernel::nft::ruleset::Publish;
 use portcullis_kernel::process::Credentials;
-use portcullis_policy::{Policy, Rule};
+use portcullis_policy::{Policy, Protocol, Rule};
 
 use crate::cli::{DenyResponse, LearnArgs, PolicyFormat, RunArgs};
 
@@ -15,9 +16,14 @@ use crate::cli::{DenyResponse, LearnArgs, PolicyFormat, RunArgs};
 #[derive(Debug)]
 pub struct RunOptions {
     pub policy: Arc<Policy>,
+    pub publish: Vec<Publish>,
     pub relay: portcullis_relay::RelayConfig,
     pub user: Option<Credentials>,
     pub report: Option<PathBuf>,
+    /// `--host-network`: CMD stays in this network namespace (see `host_session`).
+    pub host_network: bool,
+    /// The uid of an explicit `--user` (host mode may filter by it).
+    pub explicit_user: Option<u32>,
     pub pool4: ipnet::Ipv4Net,
     pub pool6: ipnet::Ipv6Net,
     pub cmd: Vec<String>,
@@ -109,6 +115,90 @@ fn credentials(user: Option<&str>) -> anyhow::Result<Option<Credentials>> {
     }
 }
 
+/// Parses `--publish [HOST_ADDR:]HOST_PORT:SANDBOX_PORT[/tcp|/udp]`; an IPv6 HOST_ADDR is
+/// written in brackets.
+pub fn parse_publish(s: &str) -> anyhow::Result<Publish> {
+    let bad = |why: &str| {
+        anyhow!(
+            "invalid --publish {s:?}: {why} (expected [HOST_ADDR:]HOST_PORT:SANDBOX_PORT[/tcp|/udp])"
+        )
+    };
+    let (spec, protocol) = match s.rsplit_once('/') {
+        Some((spec, "tcp")) => (spec, Protocol::Tcp),
+        Some((spec, "udp")) => (spec, Protocol::Udp),
+        Some((_, other)) => return Err(bad(&format!("unknown protocol {other:?}"))),
+        None => (s, Protocol::Tcp),
+    };
+    let (addr, ports) = if let Some(rest) = spec.strip_prefix('[') {
+        let (a, ports) = rest
+            .split_once("]:")
+            .ok_or_else(|| bad("an IPv6 address in brackets must be followed by :HOST_PORT"))?;
+        let a: std::net::Ipv6Addr = a
+            .parse()
+            .map_err(|_| bad(&format!("{a:?} is not an IPv6 address")))?;
+        (Some(IpAddr::V6(a)), ports)
+    } else {
+        match spec.matches(':').count() {
+            1 => (None, spec),
+            2 => {
+                let (a, ports) = spec.split_once(':').ok_or_else(|| bad("missing ports"))?;
+                let a: std::net::Ipv4Addr = a.parse().map_err(|_| {
+                    bad(&format!(
+                        "{a:?} is not an IPv4 address (write IPv6 addresses in brackets)"
+                    ))
+                })?;
+                (Some(IpAddr::V4(a)), ports)
+            }
+            _ => return Err(bad("expected two or three fields separated by ':'")),
+        }
+    };
+    let (hp, sp) = ports
+        .split_once(':')
+        .ok_or_else(|| bad("missing SANDBOX_PORT"))?;
+    let port = |p: &str| -> anyhow::Result<u16> {
+        match p.parse::<u16>() {
+            Ok(0) | Err(_) => Err(bad(&format!("{p:?} is not a port (1-65535)"))),
+            Ok(n) => Ok(n),
+        }
+    };
+    if let Some(a) = addr
+        && (a.is_multicast() || a.is_unspecified())
+    {
+        return Err(bad(&format!("{a} is not an address of this host")));
+    }
+    Ok(Publish {
+        host_addr: addr,
+        host_port: port(hp)?,
+        sandbox_port: port(sp)?,
+        protocol,
+    })
+}
+
+/// Every `--publish`, checked for two claiming the same host port.
+fn publishes(given: &[String]) -> anyhow::Result<Vec<Publish>> {
+    let list: Vec<Publish> = given
+        .iter()
+        .map(|s| parse_publish(s))
+        .collect::<anyhow::Result<_>>()?;
+    for (i, a) in list.iter().enumerate() {
+        for b in &list[..i] {
+            let overlap = match (a.host_addr, b.host_addr) {
+                (Some(x), Some(y)) => x == y,
+                _ => true,
+            };
+            if overlap && a.host_port == b.host_port && a.protocol == b.protocol {
+                bail!(
+                    "--publish {}: host port {}/{} is published twice",
+                    given[i],
+                    a.host_port,
+                    a.protocol
+                );
+            }
+        }
+    }
+    Ok(list)
+}
+
 /// `--upstream-dns`, else the nameservers of /etc/resolv.conf.
 fn upstreams(given: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
     if given.is_empty() {
@@ -128,6 +218,7 @@ fn upstreams(given: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
 #[derive(Debug)]
 pub struct LearnOptions {
     pub relay: portcullis_relay::RelayConfig,
+    pub publish: Vec<Publish>,
     pub user: Option<Credentials>,
     pub pool4: ipnet::Ipv4Net,
     pub pool6: ipnet::Ipv6Net,
@@ -161,6 +252,7 @@ impl LearnOptions {
                 ..Default::default()
             },
             user: credentials(a.sandbox.user.as_deref())?,
+            publish: publishes(&a.sandbox.publish)?,
             pool4: a.sandbox.pool4,
             pool6: a.sandbox.pool6,
             output: a.write.output,
@@ -211,11 +303,21 @@ impl RunOptions {
             max_ttl: a.max_ttl,
             ..Default::default()
         };
+        if a.host_network && !a.sandbox.publish.is_empty() {
+            bail!("--publish has no meaning with --host-network: CMD's ports are the host's");
+        }
+        let user = credentials(a.sandbox.user.as_deref())?;
         Ok(RunOptions {
             policy: Arc::new(policy),
+            publish: publishes(&a.sandbox.publish)?,
             relay,
-            user: credentials(a.sandbox.user.as_deref())?,
+            explicit_user: user
+                .as_ref()
+                .filter(|_| a.sandbox.user.is_some())
+                .map(|c| c.uid),
+            user,
             report: a.report,
+            host_network: a.host_network,
             pool4: a.sandbox.pool4,
             pool6: a.sandbox.pool6,
             cmd: a.cmd,
@@ -251,6 +353,39 @@ mod tests {
                 .to_string()
                 .contains("dns.example")
         );
+    }
+
+    #[test]
+    fn publish_specs_parse_or_say_what_is_wrong() {
+        let p = parse_publish("8080:80").unwrap();
+        assert_eq!(
+            (p.host_addr, p.host_port, p.sandbox_port, p.protocol),
+            (None, 8080, 80, Protocol::Tcp)
+        );
+        let p = parse_publish("203.0.113.1:5353:53/udp").unwrap();
+        assert_eq!(p.host_addr, Some("203.0.113.1".parse().unwrap()));
+        assert_eq!(p.protocol, Protocol::Udp);
+        let p = parse_publish("[2001:db8::1]:443:8443/tcp").unwrap();
+        assert_eq!(p.host_addr, Some("2001:db8::1".parse().unwrap()));
+        for (bad, says) in [
+            ("80", "two or three fields"),
+            ("0:80", "\"0\" is not a port"),
+            ("8080:99999", "\"99999\" is not a port"),
+            ("8080:80/sctp", "unknown protocol \"sctp\""),
+            ("2001:db8::1:80:80", "two or three fields"),
+            ("[2001:db8::1]80:80", "must be followed by :HOST_PORT"),
+            ("host.example:80:80", "is not an IPv4 address"),
+            ("0.0.0.0:80:80", "is not an address of this host"),
+        ] {
+            let e = parse_publish(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+            assert!(e.starts_with(&format!("invalid --publish {bad:?}")), "{e}");
+        }
+        let e = publishes(&["8080:80".into(), "203.0.113.1:8080:81".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("published twice"), "{e}");
+        assert!(publishes(&["8080:80".into(), "8080:80/udp".into()]).is_ok());
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub struct Report {
     pub refused_addresses: BTreeMap<String, u64>,
     pub blocked_flows: Vec<BlockedFlow>,
     pub blocked_packets: u64,
+    /// Frames the anti-spoofing table dropped (forged sources, ARP/NDP for another address,
+    /// router or DHCP server messages, redirects, VLAN tags, other ethertypes).
+    pub spoofed_frames: u64,
     pub malformed_queries: u64,
     /// DNS events counted but not itemised: the per-name lists are bounded.
     pub unlisted_dns_events: u64,
@@ -113,6 +116,7 @@ impl Report {
             refused_addresses: dns.refused_addresses.clone(),
             blocked_flows,
             blocked_packets,
+            spoofed_frames: 0,
             malformed_queries: dns.malformed,
             unlisted_dns_events: dns.unlisted,
             suggested_allow: suggested,
@@ -125,6 +129,7 @@ impl Report {
             && self.failed_names.is_empty()
             && self.refused_addresses.is_empty()
             && self.blocked_packets == 0
+            && self.spoofed_frames == 0
     }
 
     /// The human summary for stderr.
@@ -161,6 +166,13 @@ impl Report {
                 s,
                 "  blocked  {} ({} packet(s); {})",
                 f.destination, f.packets, f.reason
+            );
+        }
+        if self.spoofed_frames > 0 {
+            let _ = writeln!(
+                s,
+                "  spoofed  {} frame(s) dropped: forged source, ARP or neighbour discovery for another address, router or DHCP server message, redirect, or VLAN tag",
+                self.spoofed_frames
             );
         }
         if self.unlisted_dns_events > 0 {

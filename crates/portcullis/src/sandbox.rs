@@ -11,7 +11,7 @@ use portcullis_kernel::addrpool;
 use portcullis_kernel::link;
 use portcullis_kernel::names::{GLOBAL_TABLE, SandboxId};
 use portcullis_kernel::nft::sets::NetlinkSetWriter;
-use portcullis_kernel::nft::{apply, ruleset};
+use portcullis_kernel::nft::{Family, antispoof, apply, ruleset};
 use portcullis_kernel::state::{GlobalLock, Lease, SandboxRecord, StateDir};
 use portcullis_kernel::sysctl::Forwarding;
 use std::sync::Arc;
@@ -29,7 +29,8 @@ pub fn cleanup_stale(state: &StateDir, scan: bool) -> Vec<String> {
         .map(|(r, _)| r.id.clone())
         .collect();
     for (rec, alive) in &records {
-        if !alive {
+        // A host-mode run's cgroup goes first: while it cannot be emptied, its table stays.
+        if !alive && crate::host_session::release_cgroup(&rec.id, &mut removed) {
             remove_objects(&rec.id, &mut removed);
             state.remove(&rec.id);
             removed.push(format!("state of sandbox {}", rec.id));
@@ -40,17 +41,22 @@ pub fn cleanup_stale(state: &StateDir, scan: bool) -> Vec<String> {
     }
     // Objects with our prefix but no live record: a crash between creation and record is
     // impossible (the record comes first), but a state directory removed by hand is not.
-    let tables = if scan {
-        apply::list_tables().unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    for table in tables {
-        if let Some(id) = SandboxId::from_table(&table)
-            && !live.contains(&id)
-            && apply::delete_table(&table).is_ok()
-        {
-            removed.push(format!("nft table inet {table}"));
+    if scan {
+        crate::host_session::remove_stale_cgroups(&live, &mut removed);
+    }
+    for family in Family::ALL {
+        let tables = if scan {
+            apply::list_family_tables(family).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        for table in tables {
+            if let Some(id) = SandboxId::from_table(&table)
+                && !live.contains(&id)
+                && apply::delete_family_table(family, &table).is_ok()
+            {
+                removed.push(format!("nft table {family} {table}"));
+            }
         }
     }
     let links = if scan {
@@ -74,8 +80,10 @@ pub fn cleanup_stale(state: &StateDir, scan: bool) -> Vec<String> {
 }
 
 fn remove_objects(id: &SandboxId, removed: &mut Vec<String>) {
-    if apply::delete_table(&id.table()).is_ok() {
-        removed.push(format!("nft table inet {}", id.table()));
+    for family in Family::ALL {
+        if apply::delete_family_table(family, &id.table()).is_ok() {
+            removed.push(format!("nft table {family} {}", id.table()));
+        }
     }
     for name in [id.host_ifname(), id.peer_ifname()] {
         let _ = link::delete_link(&name);
@@ -177,11 +185,24 @@ impl Sandbox {
             netns_gone: false,
             torn_down: false,
         };
-        enable_forwarding(state)?;
-        link::setup_veth(&sb.id, &sb.addressing, netns).context("wire the sandbox network")?;
-        record.addressing = Some(sb.addressing.clone());
-        state.update(&record)?;
+        let wired = (|| -> anyhow::Result<()> {
+            enable_forwarding(state)?;
+            link::setup_veth(&sb.id, &sb.addressing, netns).context("wire the sandbox network")?;
+            // Anti-spoofing, bound to the host-side link now that it exists, before CMD
+            // starts. Fail closed: without it the run fails, and `sb` tears everything down.
+            apply::apply(
+                &antispoof::antispoof_ruleset(&sb.id, &sb.addressing),
+                &format!("create nft table netdev {}", sb.id.table()),
+            )
+            .context("set up anti-spoofing")?;
+            record.addressing = Some(sb.addressing.clone());
+            state.update(&record)?;
+            Ok(())
+        })();
+        // The lock goes first: on failure, dropping `sb` tears down, which takes the lock
+        // itself (flock on another descriptor of the same file would wait forever).
         drop(lock);
+        wired?;
         Ok(sb)
     }
 
@@ -221,6 +242,15 @@ impl Sandbox {
         // where that fails, so teardown never hangs on a single path.
         if let Err(e) = self.netlink.delete_table(&self.id.table())
             && let Err(e2) = apply::delete_table(&self.id.table())
+        {
+            errors.push(format!("{e}; then {e2}"));
+        }
+        // Then the anti-spoofing table: with the inet table gone, nothing of the sandbox
+        // is forwarded or delivered any more.
+        if let Err(e) = self
+            .netlink
+            .delete_family_table(Family::Netdev, &self.id.table())
+            && let Err(e2) = apply::delete_family_table(Family::Netdev, &self.id.table())
         {
             errors.push(format!("{e}; then {e2}"));
         }

@@ -12,11 +12,13 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use anyhow::Context as _;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use portcullis_kernel::names::{COUNTER_BLOCKED, SandboxId};
+use portcullis_kernel::names::{COUNTER_BLOCKED, COUNTER_SPOOFED, SandboxId};
 use portcullis_kernel::nflog::{BlockedPacket, NflogGroup};
-use portcullis_kernel::nft::apply;
-use portcullis_kernel::nft::ruleset::{RelayPorts, SandboxRules, StaticAllow, sandbox_ruleset};
+use portcullis_kernel::nft::ruleset::{
+    Publish, RelayPorts, SandboxRules, StaticAllow, sandbox_ruleset,
+};
 use portcullis_kernel::nft::sets::{NetlinkSetWriter, SetWriter};
+use portcullis_kernel::nft::{Family, apply};
 use portcullis_kernel::process::{Credentials, Helper, InitSpec, wait_signal};
 use portcullis_kernel::state::StateDir;
 use portcullis_policy::{Action, Policy, Target};
@@ -32,7 +34,7 @@ const LEARN_NFLOG_BUFFER: usize = 32 << 20;
 /// Receive buffer of the relay's UDP sockets: a burst of queries waits in the kernel instead
 /// of being dropped before the relay sees it (the default, 208 KiB, overflowed under the
 /// benchmark's load).
-const RELAY_UDP_BUFFER: usize = 4 << 20;
+pub(crate) const RELAY_UDP_BUFFER: usize = 4 << 20;
 
 /// What one execution needs.
 pub struct Spec {
@@ -42,6 +44,8 @@ pub struct Spec {
     pub pool6: ipnet::Ipv6Net,
     pub relay: RelayConfig,
     pub policy: Arc<Policy>,
+    /// `--publish`: ports of the host forwarded to the sandbox.
+    pub publish: Vec<Publish>,
     /// `learn`: egress open, every query reported here, every new flow logged.
     pub learn: Option<Arc<dyn QueryObserver>>,
     /// Called on the NFLOG thread for each logged packet: blocked ones for `run`, the first
@@ -65,6 +69,8 @@ pub struct Finished {
     pub code: i32,
     /// Packets the sandbox's rules dropped.
     pub blocked: u64,
+    /// Frames the anti-spoofing table dropped.
+    pub spoofed: u64,
     pub dns: DnsReport,
     /// Times NFLOG lost packets (its socket buffer was full).
     pub log_overflows: u64,
@@ -96,7 +102,7 @@ pub fn require_privileges() -> Result<(), Failure> {
 }
 
 /// Finds CMD the way execvp will, to fail early with a clear message.
-fn find_command(cmd: &str) -> Result<PathBuf, Failure> {
+pub(crate) fn find_command(cmd: &str) -> Result<PathBuf, Failure> {
     use nix::unistd::{AccessFlags, access};
     let check = |p: &Path| -> Option<Result<PathBuf, Failure>> {
         if !p.is_file() {
@@ -119,13 +125,13 @@ fn find_command(cmd: &str) -> Result<PathBuf, Failure> {
 
 /// The signal thread's view of the run.
 #[derive(Debug, Default)]
-struct Signals {
-    helper: AtomicI32,
-    started: AtomicBool,
-    aborted: AtomicI32,
+pub(crate) struct Signals {
+    pub(crate) helper: AtomicI32,
+    pub(crate) started: AtomicBool,
+    pub(crate) aborted: AtomicI32,
 }
 
-fn spawn_signal_thread(sig: Arc<Signals>) {
+pub(crate) fn spawn_signal_thread(sig: Arc<Signals>) {
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -144,7 +150,7 @@ fn spawn_signal_thread(sig: Arc<Signals>) {
         });
 }
 
-fn nflog_candidates(id: &SandboxId) -> impl Iterator<Item = u16> {
+pub(crate) fn nflog_candidates(id: &SandboxId) -> impl Iterator<Item = u16> {
     let base = u16::from_str_radix(&id.as_str()[..4], 16).unwrap_or(0) % 0x8000;
     (0..256u16).map(move |i| 0x7000 + (base.wrapping_add(i * 17) % 0x8000))
 }
@@ -158,6 +164,7 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         pool6,
         relay,
         policy,
+        publish,
         learn,
         on_packet,
     } = spec;
@@ -186,6 +193,7 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         argv: cmd,
         user,
         resolv_conf: resolv_path.clone(),
+        host_network: false,
     };
     let mut helper = Helper::spawn(&exe, &init).code(FAILED)?;
     signals
@@ -269,7 +277,19 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         statics: &statics,
         nflog_group: nflog.group,
         learn: learn.is_some(),
+        publish: &publish,
     });
+    if publish.iter().any(Publish::from_loopback4) {
+        // Connections from the host's 127.0.0.1, DNATed to the sandbox, may leave through its
+        // link only with this; the link, and the setting, go with the sandbox.
+        let path = format!(
+            "/proc/sys/net/ipv4/conf/{}/route_localnet",
+            id.host_ifname()
+        );
+        std::fs::write(&path, "1\n")
+            .with_context(|| format!("write {path}"))
+            .code(FAILED)?;
+    }
     apply::apply(&rules, &format!("create nft table {}", id.table())).code(FAILED)?;
     std::fs::write(
         &resolv_path,
@@ -305,6 +325,9 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     let blocked = netlink
         .counter_packets(&id.table(), COUNTER_BLOCKED)
         .unwrap_or(0);
+    let spoofed = netlink
+        .family_counter_packets(Family::Netdev, &id.table(), COUNTER_SPOOFED)
+        .unwrap_or(0);
     stop.store(true, Ordering::Relaxed);
     rt.shutdown_background();
     for e in sandbox.teardown() {
@@ -322,13 +345,14 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     Ok(Finished {
         code,
         blocked,
+        spoofed,
         dns: ctx.report(),
         log_overflows: lost.load(Ordering::Relaxed),
     })
 }
 
 /// The (protocol, port) pairs a CIDR rule allows; empty means everything.
-fn cidr_ports(
+pub(crate) fn cidr_ports(
     ports: &[u16],
     protocols: &[portcullis_policy::Protocol],
 ) -> Vec<(portcullis_policy::Protocol, u16)> {

@@ -69,6 +69,7 @@ fn sigkill_of_portcullis_takes_cmd_and_the_network_with_it() {
     // What only Portcullis could remove is left for `cleanup`: the nft table and the state.
     let (nft, _, state) = residue(&world);
     assert!(nft.contains("table inet portcullis_"), "{nft}");
+    assert!(nft.contains("table netdev portcullis_"), "{nft}");
     assert!(!state.is_empty(), "the run's state is gone before cleanup");
     let cleanup = world
         .uplink_cmd(env!("CARGO_BIN_EXE_portcullis"))
@@ -80,6 +81,10 @@ fn sigkill_of_portcullis_takes_cmd_and_the_network_with_it() {
     assert!(cleanup.status.success());
     assert!(
         said.contains("removed nft table inet portcullis_"),
+        "{said}"
+    );
+    assert!(
+        said.contains("removed nft table netdev portcullis_"),
         "{said}"
     );
     assert!(said.contains("removed state of sandbox "), "{said}");

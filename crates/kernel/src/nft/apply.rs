@@ -5,6 +5,7 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 
 use crate::names::{COUNTER_BLOCKED, SandboxId};
+use crate::nft::Family;
 use crate::{Error, Result};
 
 fn nft(args: &[&str], stdin: Option<&str>, what: impl Fn() -> String) -> Result<String> {
@@ -39,8 +40,14 @@ pub fn apply(script: &str, what: &str) -> Result<()> {
 
 /// Deletes a table of the `inet` family; a table that is already gone is not an error.
 pub fn delete_table(name: &str) -> Result<()> {
-    match nft(&["delete", "table", "inet", name], None, || {
-        format!("delete nft table inet {name}")
+    delete_family_table(Family::Inet, name)
+}
+
+/// Deletes a table of `family`; a table that is already gone is not an error.
+pub fn delete_family_table(family: Family, name: &str) -> Result<()> {
+    let f = family.as_str();
+    match nft(&["delete", "table", f, name], None, || {
+        format!("delete nft table {f} {name}")
     }) {
         Err(Error::Nft { stderr, .. }) if stderr.contains("No such file") => Ok(()),
         other => other.map(drop),
@@ -49,12 +56,19 @@ pub fn delete_table(name: &str) -> Result<()> {
 
 /// Names of the `inet` tables present in this namespace.
 pub fn list_tables() -> Result<Vec<String>> {
-    let out = nft(&["list", "tables", "inet"], None, || {
-        "list nft tables".to_owned()
+    list_family_tables(Family::Inet)
+}
+
+/// Names of the tables of `family` present in this namespace.
+pub fn list_family_tables(family: Family) -> Result<Vec<String>> {
+    let f = family.as_str();
+    let out = nft(&["list", "tables", f], None, || {
+        format!("list nft tables {f}")
     })?;
+    let prefix = format!("table {f} ");
     Ok(out
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("table inet "))
+        .filter_map(|l| l.trim().strip_prefix(prefix.as_str()))
         .map(|n| n.trim().to_owned())
         .collect())
 }

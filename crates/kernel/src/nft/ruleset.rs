@@ -5,7 +5,7 @@
 //! guard and the masquerade. Deleting the table removes the sandbox's whole data plane at once.
 
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use portcullis_policy::Protocol;
@@ -52,6 +52,34 @@ pub struct StaticAllow {
     pub ports: Vec<(Protocol, u16)>,
 }
 
+/// A port of the host published to a port of the sandbox (`--publish`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Publish {
+    /// The host address it listens on; `None`: every address of the host, loopback included.
+    pub host_addr: Option<IpAddr>,
+    pub host_port: u16,
+    pub sandbox_port: u16,
+    pub protocol: Protocol,
+}
+
+impl Publish {
+    /// Whether this applies to IPv4 (and IPv6) traffic.
+    fn v4(&self) -> bool {
+        !matches!(self.host_addr, Some(IpAddr::V6(_)))
+    }
+    fn v6(&self) -> bool {
+        !matches!(self.host_addr, Some(IpAddr::V4(_)))
+    }
+    /// Whether connections to the host's IPv4 loopback reach it.
+    pub fn from_loopback4(&self) -> bool {
+        match self.host_addr {
+            None => true,
+            Some(IpAddr::V4(a)) => a.is_loopback(),
+            Some(IpAddr::V6(_)) => false,
+        }
+    }
+}
+
 /// Everything the ruleset of one sandbox depends on.
 #[derive(Debug, Clone)]
 pub struct SandboxRules<'a> {
@@ -63,6 +91,8 @@ pub struct SandboxRules<'a> {
     /// `learn`: egress is open, and the first packet of every new flow is logged, without a
     /// rate limit, instead of checked against the sets.
     pub learn: bool,
+    /// Ports of the host published to the sandbox.
+    pub publish: &'a [Publish],
 }
 
 /// The conntrack mark bit a learning sandbox sets on each flow it has logged, so that a
@@ -117,9 +147,19 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
 		type filter hook forward priority filter; policy accept;
 		iifname "{ifname}" jump egress
 		oifname "{ifname}" ct state established,related accept
-		oifname "{ifname}" counter name {COUNTER_BLOCKED} drop
+{publish_forward}		oifname "{ifname}" counter name {COUNTER_BLOCKED} drop
 	}}
 
+	# From the host itself, the sandbox takes replies, neighbour discovery and published
+	# ports only. Nothing here is CMD's doing: the drops are not counted as blocked.
+	chain host_output {{
+		type filter hook output priority filter; policy accept;
+		oifname != "{ifname}" return
+		ct state established,related accept
+		icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept
+{publish_forward}		counter drop
+	}}
+{publish_nat}
 	# Egress: replies, then what DNS answers and CIDR rules opened; the rest is logged and dropped.
 	chain egress {{
 		ct state established,related accept
@@ -138,6 +178,8 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
         t4 = p.tcp4,
         u6 = p.udp6,
         t6 = p.tcp6,
+        publish_forward = publish_accepts(r),
+        publish_nat = publish_nat(r),
         // A learning sandbox's group carries its flows only: what the host drops is no
         // destination a policy could allow.
         host_log = if r.learn {
@@ -185,14 +227,104 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
 		type nat hook postrouting priority srcnat; policy accept;
 		oifname != "{ifname}" ip saddr {s4} masquerade
 		oifname != "{ifname}" ip6 saddr {s6} masquerade
-	}}
+{loopback_nat}	}}
 }}
 "#,
+        // A connection from the host's 127.0.0.1 to a published port leaves with the host
+        // side's address: the sandbox could not answer 127.0.0.1.
+        loopback_nat = if r.publish.iter().any(Publish::from_loopback4) {
+            format!("\t\toifname \"{ifname}\" ip saddr 127.0.0.0/8 masquerade\n")
+        } else {
+            String::new()
+        },
         g = r.nflog_group,
         s4 = a.sandbox4,
         s6 = a.sandbox6,
     );
     s
+}
+
+/// `accept` rules for connections DNATed to a published port of the sandbox.
+fn publish_accepts(r: &SandboxRules<'_>) -> String {
+    let ifname = r.id.host_ifname();
+    let a = r.addressing;
+    let mut s = String::new();
+    for p in r.publish {
+        let proto = p.protocol;
+        let port = p.sandbox_port;
+        if p.v4() {
+            let _ = writeln!(
+                s,
+                "\t\toifname \"{ifname}\" ct status dnat ip daddr {} {proto} dport {port} accept",
+                a.sandbox4
+            );
+        }
+        if p.v6() {
+            let _ = writeln!(
+                s,
+                "\t\toifname \"{ifname}\" ct status dnat ip6 daddr {} {proto} dport {port} accept",
+                a.sandbox6
+            );
+        }
+    }
+    s
+}
+
+/// The DNAT chains of `--publish`: `publish_in` for connections arriving from elsewhere
+/// (prerouting), `publish_local` for those the host itself makes (output: DNAT in prerouting
+/// never sees them), to its own addresses and, for IPv4, its loopback.
+fn publish_nat(r: &SandboxRules<'_>) -> String {
+    if r.publish.is_empty() {
+        return String::new();
+    }
+    let ifname = r.id.host_ifname();
+    let a = r.addressing;
+    let mut rules = String::new();
+    for p in r.publish {
+        let proto = p.protocol;
+        let (hp, sp) = (p.host_port, p.sandbox_port);
+        match p.host_addr {
+            Some(IpAddr::V4(h)) => {
+                let _ = writeln!(
+                    rules,
+                    "\t\tip daddr {h} {proto} dport {hp} dnat ip to {}:{sp}",
+                    a.sandbox4
+                );
+            }
+            Some(IpAddr::V6(h)) => {
+                let _ = writeln!(
+                    rules,
+                    "\t\tip6 daddr {h} {proto} dport {hp} dnat ip6 to [{}]:{sp}",
+                    a.sandbox6
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    rules,
+                    "\t\tfib daddr type local meta nfproto ipv4 {proto} dport {hp} dnat ip to {}:{sp}",
+                    a.sandbox4
+                );
+                let _ = writeln!(
+                    rules,
+                    "\t\tfib daddr type local ip6 daddr != ::1 {proto} dport {hp} dnat ip6 to [{}]:{sp}",
+                    a.sandbox6
+                );
+            }
+        }
+    }
+    format!(
+        r#"
+	# --publish: the host's ports to the sandbox's.
+	chain publish_in {{
+		type nat hook prerouting priority dstnat; policy accept;
+		iifname "{ifname}" return
+{rules}	}}
+
+	chain publish_local {{
+		type nat hook output priority -100; policy accept;
+{rules}	}}
+"#
+    )
 }
 
 /// The shared table that keeps forwarding confined to sandbox interfaces, for the families
@@ -268,6 +400,7 @@ mod tests {
             statics: &statics,
             nflog_group: 4242,
             learn: false,
+            publish: &[],
         });
         assert!(!text.contains("ct mark"));
         assert!(text.starts_with("table inet portcullis_0a1b2c3d {"));
@@ -323,6 +456,7 @@ mod tests {
             statics: &[],
             nflog_group: 4242,
             learn: true,
+            publish: &[],
         });
         let egress =
             &text[text.find("chain egress").unwrap()..text.find("chain source_nat").unwrap()];
@@ -339,5 +473,93 @@ mod tests {
         assert!(!input.contains("log group"));
         // The DNS redirect is the same as in run: every query reaches the relay.
         assert!(text.contains("udp dport 53 dnat ip to 203.0.113.129:1001"));
+    }
+
+    #[test]
+    fn published_ports_are_dnatted_from_outside_and_from_the_host_and_accepted() {
+        let id = SandboxId::parse("0a1b2c3d").unwrap();
+        let a = addressing();
+        let publish = [
+            Publish {
+                host_addr: None,
+                host_port: 8080,
+                sandbox_port: 80,
+                protocol: Protocol::Tcp,
+            },
+            Publish {
+                host_addr: Some("203.0.113.1".parse().unwrap()),
+                host_port: 5353,
+                sandbox_port: 53,
+                protocol: Protocol::Udp,
+            },
+        ];
+        let text = sandbox_ruleset(&SandboxRules {
+            id: &id,
+            addressing: &a,
+            relay: RelayPorts {
+                udp4: 1001,
+                tcp4: 1002,
+                udp6: 1003,
+                tcp6: 1004,
+            },
+            statics: &[],
+            nflog_group: 4242,
+            learn: false,
+            publish: &publish,
+        });
+        let nat_in = &text
+            [text.find("chain publish_in").unwrap()..text.find("chain publish_local").unwrap()];
+        assert!(nat_in.contains(r#"iifname "pc-0a1b2c3d-h" return"#));
+        assert!(nat_in.contains(
+            "fib daddr type local meta nfproto ipv4 tcp dport 8080 dnat ip to 203.0.113.130:80"
+        ));
+        assert!(
+            nat_in.contains("ip6 daddr != ::1 tcp dport 8080 dnat ip6 to [2001:db8:fffe::2]:80")
+        );
+        assert!(nat_in.contains("ip daddr 203.0.113.1 udp dport 5353 dnat ip to 203.0.113.130:53"));
+        assert!(
+            !nat_in.contains("udp dport 5353 dnat ip6"),
+            "an IPv4 host address is IPv4 only"
+        );
+        // The host's own connections, 127.0.0.1 included, are DNATed in output and leave with
+        // the host side's address.
+        assert!(text.contains("type nat hook output priority -100"));
+        assert!(text.contains(r#"oifname "pc-0a1b2c3d-h" ip saddr 127.0.0.0/8 masquerade"#));
+        // Only DNATed connections to the published ports pass, in forward and from the host.
+        let accept =
+            r#"oifname "pc-0a1b2c3d-h" ct status dnat ip daddr 203.0.113.130 tcp dport 80 accept"#;
+        assert_eq!(text.matches(accept).count(), 2);
+        let host_output =
+            &text[text.find("chain host_output").unwrap()..text.find("# --publish").unwrap()];
+        assert!(
+            host_output
+                .trim_end()
+                .trim_end_matches('}')
+                .trim_end()
+                .ends_with("drop")
+        );
+    }
+
+    #[test]
+    fn without_publish_nothing_enters() {
+        let id = SandboxId::parse("0a1b2c3d").unwrap();
+        let a = addressing();
+        let text = sandbox_ruleset(&SandboxRules {
+            id: &id,
+            addressing: &a,
+            relay: RelayPorts {
+                udp4: 1001,
+                tcp4: 1002,
+                udp6: 1003,
+                tcp6: 1004,
+            },
+            statics: &[],
+            nflog_group: 4242,
+            learn: false,
+            publish: &[],
+        });
+        assert!(!text.contains("publish_in") && !text.contains("ct status dnat"));
+        assert!(!text.contains("127.0.0.0/8"));
+        assert!(text.contains("chain host_output"));
     }
 }

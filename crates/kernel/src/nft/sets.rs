@@ -31,6 +31,7 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use portcullis_policy::Protocol;
 
 use crate::names::{SET_ALLOW4, SET_ALLOW4_PORT, SET_ALLOW6, SET_ALLOW6_PORT};
+use crate::nft::Family;
 use crate::{Error, Result};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -160,6 +161,13 @@ pub(crate) fn set_recv_timeout(socket: &Socket, timeout: Duration) -> std::io::R
     }
 }
 
+fn proto_family(family: Family) -> NetfilterProtoFamily {
+    match family {
+        Family::Inet => NetfilterProtoFamily::Inet,
+        Family::Netdev => NetfilterProtoFamily::NetDev,
+    }
+}
+
 fn control(msg: ControlMessage, seq: u32) -> NetlinkMessage<NetfilterMessage> {
     let mut m = NetlinkMessage::from(NetfilterMessage::new(
         NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES),
@@ -285,8 +293,14 @@ impl NetlinkSetWriter {
     /// Deletes an `inet` table in one acknowledged batch; a table already gone is not an error.
     /// (Teardown path: no `nft` process, so no dependency on it at exit.)
     pub fn delete_table(&self, table: &str) -> Result<()> {
+        self.delete_family_table(Family::Inet, table)
+    }
+
+    /// Deletes a table of `family` in one acknowledged batch; a table already gone is not an
+    /// error.
+    pub fn delete_family_table(&self, family: Family, table: &str) -> Result<()> {
         let mut del = NetlinkMessage::from(NetfilterMessage::new(
-            NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
+            NetfilterHeader::new(proto_family(family), 0, 0),
             NfTablesMessage::DeleteTable(TableMessage {
                 attributes: vec![TableAttribute::Name(table.to_owned())],
             }),
@@ -297,7 +311,7 @@ impl NetlinkSetWriter {
             del,
             control(ControlMessage::BatchEnd, 0),
         ];
-        match self.transact(msgs, &|| format!("delete nft table inet {table}")) {
+        match self.transact(msgs, &|| format!("delete nft table {family} {table}")) {
             Err(Error::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
                 Ok(())
             }
@@ -307,6 +321,16 @@ impl NetlinkSetWriter {
 
     /// Packets counted by the named counter object `counter` of `inet` table `table`.
     pub fn counter_packets(&self, table: &str, counter: &str) -> Result<u64> {
+        self.family_counter_packets(Family::Inet, table, counter)
+    }
+
+    /// Packets counted by the named counter object `counter` of table `table` of `family`.
+    pub fn family_counter_packets(
+        &self,
+        family: Family,
+        table: &str,
+        counter: &str,
+    ) -> Result<u64> {
         const NFTA_OBJ_TABLE: u16 = 1;
         const NFTA_OBJ_NAME: u16 = 2;
         const NFTA_OBJ_TYPE: u16 = 3;
@@ -319,7 +343,7 @@ impl NetlinkSetWriter {
             v
         };
         let mut get = NetlinkMessage::from(NetfilterMessage::new(
-            NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
+            NetfilterHeader::new(proto_family(family), 0, 0),
             NfTablesMessage::GetObject(vec![
                 DefaultNla::new(NFTA_OBJ_TABLE, cstr(table)),
                 DefaultNla::new(NFTA_OBJ_NAME, cstr(counter)),
@@ -327,7 +351,7 @@ impl NetlinkSetWriter {
             ]),
         ));
         get.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-        let what = || format!("read counter {counter} of table {table}");
+        let what = || format!("read counter {counter} of table {family} {table}");
         for reply in self.transact(vec![get], &what)? {
             let NetlinkPayload::InnerMessage(NetfilterMessage {
                 inner: NetfilterMessageInner::NfTables(NfTablesMessage::NewObject(nlas)),

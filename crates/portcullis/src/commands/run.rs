@@ -27,21 +27,26 @@ pub fn run(args: RunArgs, state_dir: Option<PathBuf>) -> Result<i32, Failure> {
             *n += 1;
         }
     });
-    let done = session::execute(
-        Spec {
-            cmd: opts.cmd.clone(),
-            user: opts.user.clone(),
-            pool4: opts.pool4,
-            pool6: opts.pool6,
-            relay: opts.relay.clone(),
-            policy: opts.policy.clone(),
-            learn: None,
-            on_packet,
-        },
-        state_dir,
-    )?;
+    let spec = Spec {
+        cmd: opts.cmd.clone(),
+        user: opts.user.clone(),
+        pool4: opts.pool4,
+        pool6: opts.pool6,
+        relay: opts.relay.clone(),
+        policy: opts.policy.clone(),
+        publish: opts.publish.clone(),
+        learn: None,
+        on_packet,
+    };
+    // Host mode keeps CMD in this network namespace (see host_session).
+    let done = if opts.host_network {
+        crate::host_session::execute(spec, opts.explicit_user, state_dir)?
+    } else {
+        session::execute(spec, state_dir)?
+    };
     let flows = flows.lock().map(|f| f.clone()).unwrap_or_default();
-    let report = Report::build(&opts.policy, &done.dns, &flows, done.blocked, done.code);
+    let mut report = Report::build(&opts.policy, &done.dns, &flows, done.blocked, done.code);
+    report.spoofed_frames = done.spoofed;
     if !report.is_clean() {
         eprint!("{}", report.text());
     }
