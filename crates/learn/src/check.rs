@@ -481,6 +481,7 @@ mod tests {
             address: address.parse().unwrap(),
             port,
             names: names.iter().map(|c| (*c).to_owned()).collect(),
+            expired: false,
             packets: None,
             bytes: None,
         })

@@ -242,6 +242,7 @@ mod tests {
                     address: "198.51.100.7".parse().unwrap(),
                     port: Some(443 + (i % 2) as u16),
                     names: vec![(*n).to_owned()],
+                    expired: false,
                     packets: None,
                     bytes: None,
                 })

@@ -86,6 +86,11 @@ pub struct Flow {
     /// flow (a hard-coded address, no DNS lookup).
     #[serde(default)]
     pub names: Vec<String>,
+    /// Every name in `names` had an answer whose lifetime under `run` (its TTL, at least
+    /// `--min-ttl`, plus a second) had ended when the flow started: under `run` this
+    /// connection is blocked unless the name is resolved again first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expired: bool,
     /// Packets and bytes sent and received, where the log writer could count them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packets: Option<u64>,

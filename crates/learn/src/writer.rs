@@ -307,6 +307,8 @@ pub fn suggest(events: &[Event], opts: &Options) -> Suggestion {
     let mut ends = 0u64;
     // Logs that `portcullis learn` wrote end with an `end` event; imported ones have none.
     let mut learn_logs = 0u64;
+    // Flows to an address whose answers had all expired (under `run`: blocked).
+    let mut expired_flows = 0u64;
 
     let name_of = |raw: &str, warnings: &mut BTreeSet<String>| match policy_name(raw) {
         Ok(n) => Some(n),
@@ -337,6 +339,9 @@ pub fn suggest(events: &[Event], opts: &Options) -> Suggestion {
             }
             Event::Flow(f) => {
                 counts.flows += 1;
+                if f.expired {
+                    expired_flows += 1;
+                }
                 if f.is_direct() {
                     let entry = direct.entry(f.address).or_default();
                     entry.access.add_flow(&f.protocol, f.port);
@@ -374,6 +379,13 @@ pub fn suggest(events: &[Event], opts: &Options) -> Suggestion {
                 }
             }
         }
+    }
+    if expired_flows > 0 {
+        warnings.insert(format!(
+            "{expired_flows} connection(s) used an address after its answer had expired: \
+             under run they are blocked unless the job resolves the name again first, or \
+             --min-ttl is raised"
+        ));
     }
     if ends < learn_logs {
         warnings.insert(format!(
@@ -480,6 +492,7 @@ mod tests {
             address: address.parse().unwrap(),
             port,
             names: names.iter().map(|n| (*n).to_owned()).collect(),
+            expired: false,
             packets: None,
             bytes: None,
         })
@@ -941,5 +954,41 @@ mod tests {
         }
         let policy = Policy::from_toml_str(&render(&s, Format::Toml), "empty").unwrap();
         assert!(policy.rules.is_empty());
+    }
+
+    #[test]
+    fn flows_after_expiry_are_written_and_warned_about() {
+        let mut late = f(
+            &t(9),
+            "tcp",
+            "198.51.100.7",
+            Some(443),
+            &["api.example.com"],
+        );
+        if let Event::Flow(flow) = &mut late {
+            flow.expired = true;
+        }
+        let events = vec![
+            q(
+                &t(1),
+                "api.example.com",
+                "A",
+                "NOERROR",
+                &["198.51.100.7"],
+                &[],
+            ),
+            late,
+        ];
+        let s = suggest(&events, &Options::default());
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w
+                    .starts_with("1 connection(s) used an address after its answer had expired")),
+            "{:?}",
+            s.warnings
+        );
+        // The name still gets the port: resolving again is the job's fix, not the policy's.
+        assert!(s.rules.iter().any(|r| r.access.tcp.contains(&443)));
     }
 }

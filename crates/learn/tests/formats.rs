@@ -33,6 +33,7 @@ fn f(protocol: &str, address: &str, port: Option<u16>, names: &[&str]) -> Event 
         address: address.parse().unwrap(),
         port,
         names: names.iter().map(|n| (*n).to_owned()).collect(),
+        expired: false,
         packets: None,
         bytes: None,
     })
