@@ -315,7 +315,8 @@ fn pid1(spec: &InitSpec, set: &SigSet) -> ! {
         die(&format!("mount /proc: {e}"), EXIT_SETUP_FAILED);
     }
     // A fresh sysfs shows the sandbox's own network devices; read-only, like the kernel
-    // settings under /proc below. Not fatal where it is refused.
+    // settings under /proc below. Not fatal where it is refused (in host mode the kernel
+    // refuses it: the network namespace's sysfs is mounted already).
     let _ = mount(
         Some("sysfs"),
         "/sys",
@@ -323,6 +324,23 @@ fn pid1(spec: &InitSpec, set: &SigSet) -> ! {
         nosuid | MsFlags::MS_RDONLY,
         None::<&str>,
     );
+    // Host mode: CMD's cgroup is its filter, and a uid-0 CMD could write cgroup.procs to
+    // leave it. An empty read-only tmpfs hides every cgroup file system under
+    // /sys/fs/cgroup; without it, no run.
+    if spec.host_network
+        && let Err(e) = mount(
+            Some("tmpfs"),
+            "/sys/fs/cgroup",
+            Some("tmpfs"),
+            nosuid | MsFlags::MS_RDONLY,
+            Some("size=4k,mode=0555"),
+        )
+    {
+        die(
+            &format!("hide /sys/fs/cgroup from CMD: {e}"),
+            EXIT_SETUP_FAILED,
+        );
+    }
     // uid 0 may write many sysctls and /proc files without any capability (a `|program` in
     // kernel/core_pattern would run as full root outside every namespace). CMD has no
     // CAP_SYS_ADMIN, so it cannot undo these read-only bind mounts.

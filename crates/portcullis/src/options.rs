@@ -166,6 +166,11 @@ pub fn parse_publish(s: &str) -> anyhow::Result<Publish> {
     {
         return Err(bad(&format!("{a} is not an address of this host")));
     }
+    if addr == Some(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)) {
+        return Err(bad(
+            "::1 cannot be published: Linux never routes it off the host (use 127.0.0.1)",
+        ));
+    }
     Ok(Publish {
         host_addr: addr,
         host_port: port(hp)?,
@@ -376,6 +381,7 @@ mod tests {
             ("[2001:db8::1]80:80", "must be followed by :HOST_PORT"),
             ("host.example:80:80", "is not an IPv4 address"),
             ("0.0.0.0:80:80", "is not an address of this host"),
+            ("[::1]:80:80", "::1 cannot be published"),
         ] {
             let e = parse_publish(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");

@@ -129,11 +129,16 @@ fn allowed_name_is_reachable_by_cmd_and_its_children_and_nothing_is_left() {
             "-c",
             "cat /proc/self/cgroup && curl -4 -sS --max-time 5 http://ok.test/ && \
              sh -c 'curl -6 -sS --max-time 5 http://ok.test/ & wait $!' && \
-             sh -c 'cat /proc/self/cgroup & wait'",
+             sh -c 'cat /proc/self/cgroup & wait' && \
+             echo cgroup-files: $(ls -A /sys/fs/cgroup | wc -l) && \
+             (echo $$ > /sys/fs/cgroup/unified/cgroup.procs) 2>/dev/null || echo cannot-leave",
         ],
     );
     assert_eq!(out.status.code(), Some(0));
     let text = stdout(&out);
+    // The cgroup file systems are hidden from CMD: it cannot move itself out of its group.
+    assert!(text.contains("cgroup-files: 0"), "{text}");
+    assert!(text.contains("cannot-leave"), "{text}");
     assert_eq!(
         text.matches("hello").count(),
         2,
@@ -380,4 +385,60 @@ fn without_cgroup2_a_dedicated_user_is_filtered_by_socket_owner() {
         "world saw {asked:?}"
     );
     assert_eq!(residue(&world), before, "run left something behind");
+}
+
+/// An allowed name that resolves to the host's own address opens nothing there: in host mode
+/// as in a sandbox, the host's services stay out of CMD's reach (CIDR rules aside).
+#[test]
+fn an_allowed_name_on_the_hosts_own_address_opens_nothing() {
+    portcullis_testworld::require_root();
+    let zone = zone().a("self.test", World::UPLINK_V4, 300);
+    let world = World::new(&zone);
+    // A service of the host, on its world-facing address.
+    let mut server = world
+        .uplink_cmd("/usr/bin/python3")
+        .args([
+            "-I",
+            "-c",
+            "import socket,sys\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+             s.bind((sys.argv[1],8081))\ns.listen(8)\nprint('up',flush=True)\n\
+             while True:\n c,_=s.accept()\n c.sendall(b'host service\\n')\n c.close()",
+            &World::UPLINK_V4.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        std::io::BufReader::new(server.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "up");
+    }
+    let report = world.run_dir().join("self-report.json");
+    let out = host_run(
+        &world,
+        &["--allow", "self.test", "--report", report.to_str().unwrap()],
+        &[
+            "sh",
+            "-c",
+            "curl -sS --max-time 3 telnet://self.test:8081 </dev/null || echo blocked",
+        ],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(out.status.code(), Some(0));
+    let text = stdout(&out);
+    assert!(!text.contains("host service"), "{text}");
+    assert!(text.contains("blocked"), "{text}");
+    let r = read_report(&report);
+    assert!(
+        r["blocked_flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["address"] == World::UPLINK_V4.to_string()),
+        "{r:#}"
+    );
 }

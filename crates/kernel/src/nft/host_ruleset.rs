@@ -69,8 +69,10 @@ pub fn host_ruleset(r: &HostRules<'_>) -> String {
         t4 = p.tcp4
     );
     let mut guard = format!(
-        "\t\tip daddr 127.0.0.1 udp dport {u4} ct status & dnat == 0 drop\n\
-         \t\tip daddr 127.0.0.1 tcp dport {t4} ct status & dnat == 0 drop\n",
+        "\t\tip daddr 127.0.0.1 udp dport {u4} ct status dnat accept\n\
+         \t\tip daddr 127.0.0.1 udp dport {u4} ct state new,untracked drop\n\
+         \t\tip daddr 127.0.0.1 tcp dport {t4} ct status dnat accept\n\
+         \t\tip daddr 127.0.0.1 tcp dport {t4} ct state new,untracked drop\n",
         u4 = p.udp4,
         t4 = p.tcp4
     );
@@ -88,8 +90,10 @@ pub fn host_ruleset(r: &HostRules<'_>) -> String {
         );
         let _ = write!(
             guard,
-            "\t\tip6 daddr ::1 udp dport {u6} ct status & dnat == 0 drop\n\
-             \t\tip6 daddr ::1 tcp dport {t6} ct status & dnat == 0 drop\n"
+            "\t\tip6 daddr ::1 udp dport {u6} ct status dnat accept\n\
+             \t\tip6 daddr ::1 udp dport {u6} ct state new,untracked drop\n\
+             \t\tip6 daddr ::1 tcp dport {t6} ct status dnat accept\n\
+             \t\tip6 daddr ::1 tcp dport {t6} ct state new,untracked drop\n"
         );
         let _ = write!(
             to_relay,
@@ -124,7 +128,7 @@ pub fn host_ruleset(r: &HostRules<'_>) -> String {
 
 	# Every DNS packet of CMD's, whatever its destination, goes to the relay on loopback.
 	chain dns_redirect {{
-		type nat hook output priority -100; policy accept;
+		type nat hook output priority -110; policy accept;
 {redirect}	}}
 
 	# Only queries the redirect brought reach the relay: no other local process can make it
@@ -138,15 +142,19 @@ pub fn host_ruleset(r: &HostRules<'_>) -> String {
 		{sel} jump egress
 	}}
 
-	# CMD's egress: replies, queries to the relay, then what DNS answers and CIDR rules
-	# opened; the rest, the host's loopback services included, is logged and dropped.
+	# CMD's egress: replies, queries to the relay, what CIDR rules open; never the host's
+	# own addresses by name (as in run, where the host drops what a sandbox sends it); then
+	# what DNS answers opened. The rest, the host's loopback services included, is logged
+	# and dropped.
 	chain egress {{
 		ct state established,related accept
-{to_relay}		ip daddr @{SET_ALLOW4} accept
+{to_relay}{statics}		fib daddr type local limit rate {LOG_RATE_PER_SECOND}/second burst {LOG_BURST} packets log group {g}
+		fib daddr type local counter name {COUNTER_BLOCKED} drop
+		ip daddr @{SET_ALLOW4} accept
 		ip6 daddr @{SET_ALLOW6} accept
 		meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @{SET_ALLOW4_PORT} accept
 		meta l4proto {{ tcp, udp }} ip6 daddr . meta l4proto . th dport @{SET_ALLOW6_PORT} accept
-{statics}		limit rate {LOG_RATE_PER_SECOND}/second burst {LOG_BURST} packets log group {g}
+		limit rate {LOG_RATE_PER_SECOND}/second burst {LOG_BURST} packets log group {g}
 		counter name {COUNTER_BLOCKED} drop
 	}}
 }}
@@ -204,7 +212,7 @@ mod tests {
         assert!(t.starts_with("table inet portcullis_0a1b2c3d {"));
         let sel = r#"socket cgroupv2 level 1 "unified/portcullis-0a1b2c3d""#;
         let nat = chain(&t, "dns_redirect");
-        assert!(nat.contains("type nat hook output priority -100;"));
+        assert!(nat.contains("type nat hook output priority -110;"));
         let dnats: Vec<&str> = nat.lines().filter(|l| l.contains("dnat")).collect();
         assert_eq!(dnats.len(), 4);
         assert!(dnats.iter().all(|l| l.trim_start().starts_with(sel)));
@@ -221,8 +229,15 @@ mod tests {
         assert!(out.contains(&format!("{sel} jump egress")));
         // The relay's guard drops only what was not redirected, to the relay's ports only.
         let guard = chain(&t, "relay_guard");
-        assert_eq!(guard.matches("ct status & dnat == 0 drop").count(), 4);
-        assert!(guard.contains("ip daddr 127.0.0.1 udp dport 1001 ct status & dnat == 0 drop"));
+        assert_eq!(guard.matches("ct state new,untracked drop").count(), 4);
+        // Accept what the redirect brought, then drop any other new (or untracked) packet.
+        let ok = guard
+            .find("ip daddr 127.0.0.1 udp dport 1001 ct status dnat accept")
+            .unwrap();
+        let no = guard
+            .find("ip daddr 127.0.0.1 udp dport 1001 ct state new,untracked drop")
+            .unwrap();
+        assert!(ok < no);
     }
 
     #[test]

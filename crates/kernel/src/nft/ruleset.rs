@@ -118,7 +118,7 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
 
 	# Every DNS packet of the sandbox, whatever its destination, goes to the relay.
 	chain dns_redirect {{
-		type nat hook prerouting priority dstnat; policy accept;
+		type nat hook prerouting priority dstnat - 10; policy accept;
 		iifname "{ifname}" meta nfproto ipv4 udp dport 53 dnat ip to {h4}:{u4}
 		iifname "{ifname}" meta nfproto ipv4 tcp dport 53 dnat ip to {h4}:{t4}
 		iifname "{ifname}" meta nfproto ipv6 udp dport 53 dnat ip6 to [{h6}]:{u6}
@@ -277,37 +277,54 @@ fn publish_nat(r: &SandboxRules<'_>) -> String {
     if r.publish.is_empty() {
         return String::new();
     }
-    let ifname = r.id.host_ifname();
     let a = r.addressing;
     let mut rules = String::new();
+    // Loopback destinations exist only for the host's own connections (output).
+    let mut local = String::new();
     for p in r.publish {
         let proto = p.protocol;
         let (hp, sp) = (p.host_port, p.sandbox_port);
         match p.host_addr {
+            // Only while the address is the host's: a publish never captures traffic the
+            // host forwards or sends elsewhere.
             Some(IpAddr::V4(h)) => {
                 let _ = writeln!(
                     rules,
-                    "\t\tip daddr {h} {proto} dport {hp} dnat ip to {}:{sp}",
+                    "\t\tip daddr {h} fib daddr type local {proto} dport {hp} dnat ip to {}:{sp}",
                     a.sandbox4
                 );
+                if h.is_loopback() {
+                    let _ = writeln!(
+                        local,
+                        "\t\tip daddr {h} {proto} dport {hp} dnat ip to {}:{sp}",
+                        a.sandbox4
+                    );
+                }
             }
             Some(IpAddr::V6(h)) => {
                 let _ = writeln!(
                     rules,
-                    "\t\tip6 daddr {h} {proto} dport {hp} dnat ip6 to [{}]:{sp}",
+                    "\t\tip6 daddr {h} fib daddr type local {proto} dport {hp} dnat ip6 to [{}]:{sp}",
                     a.sandbox6
                 );
             }
+            // Every address of the host, and of its loopback 127.0.0.1 only: another loopback
+            // address (a stub resolver's 127.0.0.53) is left alone.
             None => {
                 let _ = writeln!(
                     rules,
-                    "\t\tfib daddr type local meta nfproto ipv4 {proto} dport {hp} dnat ip to {}:{sp}",
+                    "\t\tfib daddr type local ip daddr != 127.0.0.0/8 {proto} dport {hp} dnat ip to {}:{sp}",
                     a.sandbox4
                 );
                 let _ = writeln!(
                     rules,
                     "\t\tfib daddr type local ip6 daddr != ::1 {proto} dport {hp} dnat ip6 to [{}]:{sp}",
                     a.sandbox6
+                );
+                let _ = writeln!(
+                    local,
+                    "\t\tip daddr 127.0.0.1 {proto} dport {hp} dnat ip to {}:{sp}",
+                    a.sandbox4
                 );
             }
         }
@@ -317,12 +334,12 @@ fn publish_nat(r: &SandboxRules<'_>) -> String {
 	# --publish: the host's ports to the sandbox's.
 	chain publish_in {{
 		type nat hook prerouting priority dstnat; policy accept;
-		iifname "{ifname}" return
+		iifname "{IF_PREFIX}*" return
 {rules}	}}
 
 	chain publish_local {{
 		type nat hook output priority -100; policy accept;
-{rules}	}}
+{rules}{local}	}}
 "#
     )
 }
@@ -509,14 +526,23 @@ mod tests {
         });
         let nat_in = &text
             [text.find("chain publish_in").unwrap()..text.find("chain publish_local").unwrap()];
-        assert!(nat_in.contains(r#"iifname "pc-0a1b2c3d-h" return"#));
+        // No sandbox reaches another's published port, and none has its DNS captured by one.
+        assert!(nat_in.contains(r#"iifname "pc-*" return"#));
+        assert!(text.contains("type nat hook prerouting priority dstnat - 10;"));
         assert!(nat_in.contains(
-            "fib daddr type local meta nfproto ipv4 tcp dport 8080 dnat ip to 203.0.113.130:80"
+            "fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 8080 dnat ip to 203.0.113.130:80"
         ));
+        assert!(!nat_in.contains("ip daddr 127.0.0.1"));
+        let nat_local = &text[text.find("chain publish_local").unwrap()..];
+        assert!(
+            nat_local.contains("ip daddr 127.0.0.1 tcp dport 8080 dnat ip to 203.0.113.130:80")
+        );
         assert!(
             nat_in.contains("ip6 daddr != ::1 tcp dport 8080 dnat ip6 to [2001:db8:fffe::2]:80")
         );
-        assert!(nat_in.contains("ip daddr 203.0.113.1 udp dport 5353 dnat ip to 203.0.113.130:53"));
+        assert!(nat_in.contains(
+            "ip daddr 203.0.113.1 fib daddr type local udp dport 5353 dnat ip to 203.0.113.130:53"
+        ));
         assert!(
             !nat_in.contains("udp dport 5353 dnat ip6"),
             "an IPv4 host address is IPv4 only"
