@@ -21,19 +21,18 @@ use anyhow::Context as _;
 use portcullis_kernel::cgroup::{self, Cgroup2};
 use portcullis_kernel::names::{COUNTER_BLOCKED, SandboxId};
 use portcullis_kernel::nflog::NflogGroup;
-use portcullis_kernel::nft::apply;
 use portcullis_kernel::nft::host_ruleset::{HostRelay, HostRules, Selector, host_ruleset};
-use portcullis_kernel::nft::ruleset::StaticAllow;
 use portcullis_kernel::nft::sets::{NetlinkSetWriter, SetWriter};
+use portcullis_kernel::nft::{Family, apply};
 use portcullis_kernel::process::{Helper, InitSpec};
 use portcullis_kernel::state::{Lease, SandboxRecord, StateDir};
-use portcullis_policy::{Action, Policy, Target};
+
 use portcullis_relay::{SandboxCtx, server};
 
 use crate::exit::{FAILED, Failure, USAGE, WithCode as _, fail};
 use crate::session::{
-    Finished, RELAY_UDP_BUFFER, Signals, Spec, cidr_ports, find_command, nflog_candidates,
-    require_privileges, spawn_signal_thread,
+    Finished, RELAY_UDP_BUFFER, Signals, Spec, find_command, nflog_candidates, require_privileges,
+    spawn_signal_thread,
 };
 
 /// How CMD's sockets are recognised: the kernel side of the choice, and the group to remove.
@@ -75,22 +74,6 @@ fn choose_selector(
             )),
         },
     }
-}
-
-/// The static rules of a policy: its CIDR allow rules.
-fn statics(policy: &Policy) -> Vec<StaticAllow> {
-    policy
-        .rules
-        .iter()
-        .filter(|r| r.action == Action::Allow)
-        .filter_map(|r| match &r.target {
-            Target::Cidr(net) => Some(StaticAllow {
-                net: *net,
-                ports: cidr_ports(&r.ports, &r.protocols),
-            }),
-            Target::Domain(_) => None,
-        })
-        .collect()
 }
 
 /// What a host-mode run created. Dropping it tears everything down.
@@ -145,23 +128,12 @@ impl HostRun {
             self.lease = None;
             return errors;
         }
-        if let Err(e) = self.netlink.delete_table(&self.id.table())
-            && let Err(e2) = apply::delete_table(&self.id.table())
-        {
-            errors.push(format!("{e}; then {e2}"));
-        }
-        let lock = self.state.lock();
-        self.state.remove(&self.id);
-        self.lease = None;
-        let others = self
-            .state
-            .sandboxes()
-            .map(|v| !v.is_empty())
-            .unwrap_or(true);
-        if !others {
-            self.state.remove_if_empty();
-        }
-        drop(lock);
+        errors.extend(crate::sandbox::delete_table(
+            &self.netlink,
+            Family::Inet,
+            &self.id.table(),
+        ));
+        crate::sandbox::forget_run(&self.state, &self.id, &mut self.lease);
         errors
     }
 }
@@ -340,7 +312,7 @@ pub fn execute(
     state
         .update(&record_of(&id, Some(nflog.group)))
         .code(FAILED)?;
-    let statics = statics(&policy);
+    let statics = crate::session::statics(&policy);
     let rules = host_ruleset(&HostRules {
         id: &id,
         selector: &selector,

@@ -240,20 +240,14 @@ impl Sandbox {
         let mut errors = Vec::new();
         // Over the netlink socket already open (no process to start at exit); `nft` only
         // where that fails, so teardown never hangs on a single path.
-        if let Err(e) = self.netlink.delete_table(&self.id.table())
-            && let Err(e2) = apply::delete_table(&self.id.table())
-        {
-            errors.push(format!("{e}; then {e2}"));
-        }
+        errors.extend(delete_table(&self.netlink, Family::Inet, &self.id.table()));
         // Then the anti-spoofing table: with the inet table gone, nothing of the sandbox
         // is forwarded or delivered any more.
-        if let Err(e) = self
-            .netlink
-            .delete_family_table(Family::Netdev, &self.id.table())
-            && let Err(e2) = apply::delete_family_table(Family::Netdev, &self.id.table())
-        {
-            errors.push(format!("{e}; then {e2}"));
-        }
+        errors.extend(delete_table(
+            &self.netlink,
+            Family::Netdev,
+            &self.id.table(),
+        ));
         // Deleting a veth whose peer lives in another namespace waits for the kernel (40-60 ms,
         // most of a short run's wall time). Once the sandbox's processes are gone the kernel
         // destroys its namespace and the pair with it; only set-up failures delete it here.
@@ -262,21 +256,42 @@ impl Sandbox {
         {
             errors.push(e.to_string());
         }
-        let lock = self.state.lock();
-        self.state.remove(&self.id);
-        self.lease = None;
-        let others = self
-            .state
-            .sandboxes()
-            .map(|v| v.iter().any(|(_, alive)| *alive))
-            .unwrap_or(true);
-        if !others {
-            let mut notes = Vec::new();
-            restore_host(&self.state, &mut notes);
-            self.state.remove_if_empty();
-        }
-        drop(lock);
+        forget_run(&self.state, &self.id, &mut self.lease);
         errors
+    }
+}
+
+/// The end of every run's teardown, a sandbox's or host mode's: the record goes, and when no
+/// live run is left in the namespace, the host's forwarding settings are restored and the
+/// state directory removed. Takes the global lock.
+pub(crate) fn forget_run(state: &StateDir, id: &SandboxId, lease: &mut Option<Lease>) {
+    let lock = state.lock();
+    state.remove(id);
+    *lease = None;
+    let others = state
+        .sandboxes()
+        .map(|v| v.iter().any(|(_, alive)| *alive))
+        .unwrap_or(true);
+    if !others {
+        let mut notes = Vec::new();
+        restore_host(state, &mut notes);
+        state.remove_if_empty();
+    }
+    drop(lock);
+}
+
+/// Deletes table `table` of `family` over netlink, with `nft` where that fails; the error
+/// when both failed.
+pub(crate) fn delete_table(
+    netlink: &NetlinkSetWriter,
+    family: Family,
+    table: &str,
+) -> Option<String> {
+    match netlink.delete_family_table(family, table) {
+        Ok(()) => None,
+        Err(e) => apply::delete_family_table(family, table)
+            .err()
+            .map(|e2| format!("{e}; then {e2}")),
     }
 }
 

@@ -258,18 +258,7 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     }
     let lost = nflog.lost_counter();
     sandbox.record_nflog_group(nflog.group).code(FAILED)?;
-    let statics: Vec<StaticAllow> = policy
-        .rules
-        .iter()
-        .filter(|r| r.action == Action::Allow)
-        .filter_map(|r| match &r.target {
-            Target::Cidr(net) => Some(StaticAllow {
-                net: *net,
-                ports: cidr_ports(&r.ports, &r.protocols),
-            }),
-            Target::Domain(_) => None,
-        })
-        .collect();
+    let statics = statics(&policy);
     let rules = sandbox_ruleset(&SandboxRules {
         id: &id,
         addressing: &a,
@@ -351,8 +340,24 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     })
 }
 
+/// The destinations the policy's CIDR rules allow, for the ruleset.
+pub(crate) fn statics(policy: &Policy) -> Vec<StaticAllow> {
+    policy
+        .rules
+        .iter()
+        .filter(|r| r.action == Action::Allow)
+        .filter_map(|r| match &r.target {
+            Target::Cidr(net) => Some(StaticAllow {
+                net: *net,
+                ports: cidr_ports(&r.ports, &r.protocols),
+            }),
+            Target::Domain(_) => None,
+        })
+        .collect()
+}
+
 /// The (protocol, port) pairs a CIDR rule allows; empty means everything.
-pub(crate) fn cidr_ports(
+fn cidr_ports(
     ports: &[u16],
     protocols: &[portcullis_policy::Protocol],
 ) -> Vec<(portcullis_policy::Protocol, u16)> {
