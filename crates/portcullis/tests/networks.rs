@@ -1,0 +1,336 @@
+//! Named networks: several sandboxes on one bridge, each with its own allow-list and
+//! anti-spoofing. Each reaches only its own allowed names (judged by the world's counters);
+//! none reaches another unless its policy allows the other's address (judged by the target's
+//! own log of what it accepted, TCP and UDP, IPv4 and IPv6); `network delete` refuses while
+//! sandboxes are attached; nothing is left behind after runs end, nor after `cleanup`
+//! following a SIGKILL.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::IpAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const A4: &str = "198.51.100.10";
+const A6: &str = "2001:db8::10";
+const B4: &str = "198.51.100.20";
+const B6: &str = "2001:db8::20";
+const SUBNET4: &str = "203.0.113.192/26";
+const SUBNET6: &str = "2001:db8:fffe:ff::/64";
+/// Sandboxes get the lowest free addresses after the gateway, in the order they attach.
+const SB1: (&str, &str) = ("203.0.113.194", "2001:db8:fffe:ff::2");
+const SB2: (&str, &str) = ("203.0.113.195", "2001:db8:fffe:ff::3");
+const SB3: (&str, &str) = ("203.0.113.196", "2001:db8:fffe:ff::4");
+
+/// One sandbox's job. argv: TAG DELAY ALLOWED DENIED HARDCODED4 HARDCODED6 PEER...
+/// It serves TCP and UDP 7000 (dual stack) and logs every connection and datagram it accepts;
+/// after DELAY seconds (so that its peers listen too) it connects to its allowed name (port
+/// 80), its denied name (port 82), hard-coded world addresses (port 81), then to port 7000 of
+/// each PEER over TCP and UDP; then it keeps serving for a while, and exits.
+const JOB: &str = r#"
+import socket, sys, threading, time
+tag, delay, allowed, denied, hard4, hard6 = sys.argv[1:7]
+peers = sys.argv[7:]
+def say(*a):
+    print(tag, *a, flush=True)
+def tcp_server():
+    s = socket.socket(socket.AF_INET6)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("::", 7000))
+    s.listen(64)
+    while True:
+        c, a = s.accept()
+        say("accepted tcp from", a[0])
+        c.close()
+def udp_server():
+    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    u.bind(("::", 7000))
+    while True:
+        d, a = u.recvfrom(100)
+        say("accepted udp from", a[0])
+        u.sendto(b"ok", a)
+for f in (tcp_server, udp_server):
+    threading.Thread(target=f, daemon=True).start()
+time.sleep(float(delay))
+def tcp(host, port, fam=0):
+    try:
+        for info in socket.getaddrinfo(host, port, fam, socket.SOCK_STREAM):
+            socket.create_connection(info[4][:2], timeout=1.5).close()
+        return "ok"
+    except socket.gaierror:
+        return "denied"
+    except OSError:
+        return "blocked"
+def udp(host, port):
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.settimeout(1.5)
+    try:
+        s.sendto(b"hi", (host, port))
+        return "ok" if s.recvfrom(10)[0] == b"ok" else "bad"
+    except OSError:
+        return "blocked"
+for fam, name in ((socket.AF_INET, "v4"), (socket.AF_INET6, "v6")):
+    say("allowed", name, tcp(allowed, 80, fam))
+    say("denied", name, tcp(denied, 82, fam))
+say("hard-coded v4", tcp(hard4, 81))
+say("hard-coded v6", tcp(hard6, 81))
+for p in peers:
+    say("peer tcp", p, tcp(p, 7000))
+    say("peer udp", p, udp(p, 7000))
+say("probes done")
+time.sleep(8)
+"#;
+
+fn portcullis(world: &World, args: &[&str]) -> Command {
+    let mut c = world.uplink_cmd(env!("CARGO_BIN_EXE_portcullis"));
+    c.args(args);
+    c
+}
+
+fn network_cmd(world: &World, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["network"];
+    all.extend_from_slice(args);
+    let out = portcullis(world, &all).output().unwrap();
+    eprintln!(
+        "--- portcullis network {args:?}: {:?}\n{}{}",
+        out.status.code(),
+        stdout(&out),
+        stderr(&out)
+    );
+    out
+}
+
+fn attached(world: &World, name: &str) -> usize {
+    let out = network_cmd(world, &["show", name]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["sandboxes"].as_array().map_or(0, Vec::len)
+}
+
+fn create_network(world: &World, name: &str) {
+    let out = network_cmd(
+        world,
+        &["create", name, "--subnet4", SUBNET4, "--subnet6", SUBNET6],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+/// Starts one sandbox on `net` running `JOB` and waits until it is attached.
+fn start(
+    world: &World,
+    net: &str,
+    allow: &[&str],
+    job: &[&str],
+    expect_attached: usize,
+) -> KillOnDrop {
+    let mut extra = vec!["--network", net, "--upstream-dns", "198.51.100.53"];
+    for a in allow {
+        extra.extend(["--allow", a]);
+    }
+    let mut argv = vec!["/usr/bin/python3", "-I", "-c", JOB];
+    argv.extend_from_slice(job);
+    let child = KillOnDrop::spawn(&mut run_cmd(world, &extra, &argv));
+    assert!(
+        wait_until(Duration::from_secs(10), || attached(world, net)
+            == expect_attached),
+        "sandbox {job:?} never attached"
+    );
+    child
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn sandboxes_on_one_network_keep_their_own_policies_and_cannot_reach_each_other() {
+    let world = World::new(
+        &Zone::new()
+            .a("a.test", A4.parse::<std::net::Ipv4Addr>().unwrap(), 300)
+            .aaaa("a.test", A6.parse::<std::net::Ipv6Addr>().unwrap(), 300)
+            .a("b.test", B4.parse::<std::net::Ipv4Addr>().unwrap(), 300)
+            .aaaa("b.test", B6.parse::<std::net::Ipv6Addr>().unwrap(), 300),
+    );
+    world.serve_tcp(80);
+    let before = residue(&world);
+    create_network(&world, "shared");
+    let bridge = stdout(&network_cmd(&world, &["list"]))
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .to_owned();
+    assert!(bridge.starts_with("pc-n"), "{bridge}");
+
+    // sb1 allows a.test, sb2 b.test; sb3 allows b.test and, by address, sb1: the positive
+    // control that traffic between sandboxes is routed and decided by the sender's policy.
+    let mut sb1 = start(
+        &world,
+        "shared",
+        &["a.test"],
+        &["sb1", "6", "a.test", "b.test", B4, B6, SB2.0, SB2.1],
+        1,
+    );
+    let mut sb2 = start(
+        &world,
+        "shared",
+        &["b.test"],
+        &["sb2", "5", "b.test", "a.test", A4, A6, SB1.0, SB1.1],
+        2,
+    );
+    let sb3_allow4 = format!("{}/32", SB1.0);
+    let sb3_allow6 = format!("{}/128", SB1.1);
+    let mut sb3 = start(
+        &world,
+        "shared",
+        &["b.test", &sb3_allow4, &sb3_allow6],
+        &[
+            "sb3", "4", "b.test", "a.test", A4, A6, SB1.0, SB1.1, SB2.0, SB2.1,
+        ],
+        3,
+    );
+    // Attached: the network cannot be deleted.
+    let refused = network_cmd(&world, &["delete", "shared"]);
+    assert_ne!(refused.status.code(), Some(0));
+    assert!(stderr(&refused).contains("in use"), "{}", stderr(&refused));
+
+    let out1 = sb1.output_within(Duration::from_secs(60));
+    let out2 = sb2.output_within(Duration::from_secs(60));
+    let out3 = sb3.output_within(Duration::from_secs(60));
+    let (s1, s2, s3) = (stdout(&out1), stdout(&out2), stdout(&out3));
+    eprintln!(
+        "--- sb1\n{s1}{}\n--- sb2\n{s2}{}\n--- sb3\n{s3}{}",
+        stderr(&out1),
+        stderr(&out2),
+        stderr(&out3)
+    );
+    for s in [&s1, &s2, &s3] {
+        assert!(s.contains("probes done"), "{s}");
+    }
+
+    // Each reaches its own allowed name, and only that, judged on the world's side.
+    for (who, s) in [("sb1", &s1), ("sb2", &s2), ("sb3", &s3)] {
+        for fam in ["v4", "v6"] {
+            assert!(s.contains(&format!("{who} allowed {fam} ok")), "{s}");
+            assert!(s.contains(&format!("{who} denied {fam} denied")), "{s}");
+        }
+    }
+    for addr in [A4, A6, B4, B6] {
+        assert!(world.packets_to_port(ip(addr), "tcp", 80) > 0, "{addr}:80");
+        for port in [81, 82] {
+            assert_eq!(
+                world.packets_to_port(ip(addr), "tcp", port),
+                0,
+                "{addr}:{port} was reached"
+            );
+        }
+    }
+
+    // No sandbox reached another by default (the targets' own logs), over TCP and UDP,
+    // IPv4 and IPv6; sb3, whose policy allows sb1's addresses, did.
+    assert!(!s2.contains("accepted"), "sb2 accepted something: {s2}");
+    for peer in [SB2.0, SB2.1] {
+        assert!(
+            !s1.contains(&format!("from {peer}")),
+            "sb1 accepted {peer}: {s1}"
+        );
+    }
+    assert!(!s1.contains(&format!("from ::ffff:{}", SB2.0)), "{s1}");
+    for proto in ["tcp", "udp"] {
+        assert!(
+            s1.contains(&format!("sb1 accepted {proto} from ::ffff:{}", SB3.0)),
+            "{s1}"
+        );
+        assert!(
+            s1.contains(&format!("sb1 accepted {proto} from {}", SB3.1)),
+            "{s1}"
+        );
+        for (who, s, peer) in [
+            ("sb1", &s1, SB2.0),
+            ("sb1", &s1, SB2.1),
+            ("sb2", &s2, SB1.0),
+            ("sb2", &s2, SB1.1),
+            ("sb3", &s3, SB2.0),
+            ("sb3", &s3, SB2.1),
+        ] {
+            assert!(
+                s.contains(&format!("{who} peer {proto} {peer} blocked")),
+                "{who} -> {peer}: {s}"
+            );
+        }
+    }
+    for c in [&out1, &out2, &out3] {
+        assert_eq!(c.status.code(), Some(0), "{}", stderr(c));
+    }
+
+    // Runs ended: the network stays until deleted, then nothing is left.
+    assert_eq!(attached(&world, "shared"), 0);
+    let out = network_cmd(&world, &["delete", "shared"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&network_cmd(&world, &["list"])).trim().is_empty());
+    assert_eq!(residue(&world), before, "a network left something behind");
+}
+
+#[test]
+fn cleanup_after_sigkill_leaves_the_network_and_nothing_else() {
+    let world = World::new(&Zone::new());
+    let before = residue(&world);
+    create_network(&world, "killed");
+    let mut run = start(
+        &world,
+        "killed",
+        &["a.test"],
+        &["sb", "60", "a.test", "b.test", A4, A6],
+        1,
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = run.output_within(Duration::from_secs(10));
+    let out = portcullis(&world, &["cleanup"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(attached(&world, "killed"), 0);
+    // The sandbox's tables are gone; the network's bridge and table stay.
+    let nft = stdout(
+        &world
+            .uplink_cmd("nft")
+            .args(["list", "tables"])
+            .output()
+            .unwrap(),
+    );
+    let tables: Vec<&str> = nft.lines().filter(|l| l.contains("portcullis_")).collect();
+    assert_eq!(tables.len(), 1, "{nft}");
+    assert!(tables[0].contains("portcullis_n"), "{nft}");
+    let out = network_cmd(&world, &["delete", "killed"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        residue(&world),
+        before,
+        "a killed run left something behind"
+    );
+}
+
+#[test]
+fn a_missing_network_fails_the_run_and_bad_names_are_usage_errors() {
+    let world = World::new(&Zone::new());
+    let before = residue(&world);
+    let out = run(
+        &world,
+        &["--network", "nosuch", "--allow", "a.test"],
+        &["true"],
+    );
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("no network named nosuch"));
+    let out = network_cmd(&world, &["create", "Bad Name"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = network_cmd(&world, &["delete", "nosuch"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(residue(&world), before);
+}
