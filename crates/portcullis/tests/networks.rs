@@ -53,7 +53,7 @@ def udp_server():
     u.bind(("::", 7000))
     while True:
         d, a = u.recvfrom(100)
-        say("accepted udp from", a[0])
+        say("accepted udp from", a[0], d.decode(errors="replace"))
         u.sendto(b"ok", a)
 for f in (tcp_server, udp_server):
     threading.Thread(target=f, daemon=True).start()
@@ -142,6 +142,43 @@ fn start(
         "sandbox {job:?} never attached"
     );
     child
+}
+
+/// Sends raw frames from `eth0` of the namespace it runs in. argv: JSON {kind: [dst MAC, src
+/// MAC, src IP, dst IP]}; each frame is a UDP datagram to port 7000 whose payload is its kind.
+const INJECT: &str = r#"
+import json, socket, struct, sys
+def csum(b):
+    if len(b) % 2: b += b'\0'
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xffff) + (s >> 16)
+    return (~s) & 0xffff
+def frame(dmac, smac, src, dst, data):
+    mac = lambda m: bytes.fromhex(m.replace(':', ''))
+    v6 = ':' in src
+    fam = socket.AF_INET6 if v6 else socket.AF_INET
+    sa, da = socket.inet_pton(fam, src), socket.inet_pton(fam, dst)
+    u = struct.pack('!HHHH', 40000, 7000, 8 + len(data), 0) + data
+    if v6:
+        c = csum(sa + da + struct.pack('!I3xB', len(u), 17) + u) or 0xffff
+        u = u[:6] + struct.pack('!H', c) + u[8:]
+        pkt = struct.pack('!IHBB16s16s', 0x60000000, len(u), 17, 64, sa, da) + u
+    else:
+        c = csum(sa + da + struct.pack('!BBH', 0, 17, len(u)) + u) or 0xffff
+        u = u[:6] + struct.pack('!H', c) + u[8:]
+        h = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(u), 0, 0x4000, 64, 17, 0, sa, da)
+        pkt = h[:10] + struct.pack('!H', csum(h)) + h[12:] + u
+    return mac(dmac) + mac(smac) + struct.pack('!H', 0x86dd if v6 else 0x0800) + pkt
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(('eth0', 0))
+for kind, (dmac, smac, src, dst) in json.loads(sys.argv[1]).items():
+    s.send(frame(dmac, smac, src, dst, kind.encode()))
+"#;
+
+/// `02:70:` and the sandbox id's four bytes: the MAC Portcullis gives a sandbox.
+fn sandbox_mac(id: &str) -> String {
+    let hex: Vec<String> = (0..4).map(|i| id[2 * i..2 * i + 2].to_owned()).collect();
+    format!("02:70:{}", hex.join(":"))
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -333,4 +370,113 @@ fn a_missing_network_fails_the_run_and_bad_names_are_usage_errors() {
     let out = network_cmd(&world, &["delete", "nosuch"]);
     assert_ne!(out.status.code(), Some(0));
     assert_eq!(residue(&world), before);
+}
+
+#[test]
+fn no_frame_passes_between_ports_and_no_forged_source_enters_the_bridge() {
+    let world =
+        World::new(&Zone::new().a("a.test", A4.parse::<std::net::Ipv4Addr>().unwrap(), 300));
+    let before = residue(&world);
+    create_network(&world, "l2");
+    let job1 = ["sb1", "15", "a.test", "b.test", A4, A6];
+    let mut sb1 = start(&world, "l2", &["a.test"], &job1, 1);
+    // sb2's policy allows sb1's addresses: what it sends through the host reaches sb1.
+    let allow4 = format!("{}/32", SB1.0);
+    let allow6 = format!("{}/128", SB1.1);
+    let job2 = ["sb2", "15", "a.test", "b.test", A4, A6];
+    let mut sb2 = start(&world, "l2", &[&allow4, &allow6], &job2, 2);
+    let show: serde_json::Value =
+        serde_json::from_slice(&network_cmd(&world, &["show", "l2"]).stdout).unwrap();
+    let id_of = |addr: &str| {
+        show["sandboxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["address4"] == addr)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (id1, id2) = (id_of(SB1.0), id_of(SB2.0));
+    let (mac1, mac2) = (sandbox_mac(&id1), sandbox_mac(&id2));
+    let bridge = show["bridge"].as_str().unwrap().to_owned();
+    let link = stdout(
+        &world
+            .uplink_cmd("cat")
+            .arg(format!("/sys/class/net/{bridge}/address"))
+            .output()
+            .unwrap(),
+    );
+    let gw_mac = link.trim().to_owned();
+    let mut argv2 = vec!["/usr/bin/python3", "-I", "-c", JOB];
+    argv2.extend_from_slice(&job2);
+    let mut pid2 = Vec::new();
+    assert!(wait_until(Duration::from_secs(5), || {
+        pid2 = descendants_running(sb2.pid(), &argv2);
+        pid2.len() == 1
+    }));
+    let spoofed = |id: &str| -> u64 {
+        let out = world
+            .uplink_cmd("nft")
+            .args([
+                "-j",
+                "list",
+                "counter",
+                "netdev",
+                &format!("portcullis_{id}"),
+                "spoofed",
+            ])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|o| o["counter"]["packets"].as_u64())
+            .unwrap()
+    };
+    let spoofed_before = spoofed(&id2);
+    let frames = serde_json::json!({
+        // Through the host: the control.
+        "routed4": [gw_mac, mac2, SB2.0, SB1.0],
+        "routed6": [gw_mac, mac2, SB2.1, SB1.1],
+        // Straight to sb1's MAC, with sb2's own addresses: port isolation drops them.
+        "direct4": [mac1, mac2, SB2.0, SB1.0],
+        "direct6": [mac1, mac2, SB2.1, SB1.1],
+        // Through the host from an address no sandbox has: anti-spoofing drops them (past
+        // it, sb1's table would take them as another sandbox's).
+        "forged4": [gw_mac, mac2, "203.0.113.250", SB1.0],
+        "forged6": [gw_mac, mac2, "2001:db8:fffe:ff::99", SB1.1],
+    });
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/proc/{}/ns/net", pid2[0]))
+        .args(["/usr/bin/python3", "-I", "-c", INJECT, &frames.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "inject: {}", stderr(&out));
+    assert!(
+        wait_until(Duration::from_secs(5), || spoofed(&id2)
+            >= spoofed_before + 2),
+        "the forged frames were not counted"
+    );
+    assert_eq!(spoofed(&id2), spoofed_before + 2);
+    let s1 = stdout(&sb1.output_within(Duration::from_secs(60)));
+    let _ = sb2.output_within(Duration::from_secs(60));
+    eprintln!("--- sb1\n{s1}");
+    assert!(
+        s1.contains(&format!("accepted udp from ::ffff:{} routed4", SB2.0)),
+        "{s1}"
+    );
+    assert!(
+        s1.contains(&format!("accepted udp from {} routed6", SB2.1)),
+        "{s1}"
+    );
+    for kind in ["direct4", "direct6", "forged4", "forged6"] {
+        assert!(!s1.contains(kind), "{kind} reached sb1: {s1}");
+    }
+    let out = network_cmd(&world, &["delete", "l2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(residue(&world), before, "a network left something behind");
 }
