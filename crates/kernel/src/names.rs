@@ -178,8 +178,8 @@ impl NetworkName {
         &self.0
     }
 
-    /// FNV-1a of the name, as 8 hex digits.
-    fn hash(&self) -> String {
+    /// FNV-1a of the name, as 8 hex digits: what its bridge and table are named after.
+    pub fn hash(&self) -> String {
         let h = self.0.bytes().fold(0x811c_9dc5u32, |h, b| {
             (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
         });
@@ -206,6 +206,23 @@ impl NetworkName {
     }
 }
 
+/// The hash in a network bridge's name (`pc-n<hash>`), for `cleanup` to recognise a bridge
+/// that no network record names.
+pub fn network_hash_of_bridge(ifname: &str) -> Option<&str> {
+    ifname
+        .strip_prefix(IF_PREFIX)
+        .and_then(|r| r.strip_prefix('n'))
+        .filter(|h| SandboxId::parse(h).is_some())
+}
+
+/// The hash in a network table's name (`portcullis_n<hash>`).
+pub fn network_hash_of_table(table: &str) -> Option<&str> {
+    table
+        .strip_prefix(TABLE_PREFIX)
+        .and_then(|r| r.strip_prefix('n'))
+        .filter(|h| SandboxId::parse(h).is_some())
+}
+
 impl fmt::Display for NetworkName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -224,6 +241,15 @@ mod tests {
         assert!(net.bridge().len() <= 15 && net.bridge().starts_with("pc-n"));
         assert_eq!(SandboxId::from_ifname(&net.bridge()), None);
         assert_eq!(SandboxId::from_table(&net.table()), None);
+        assert_eq!(
+            network_hash_of_bridge(&net.bridge()),
+            Some(net.hash().as_str())
+        );
+        assert_eq!(
+            network_hash_of_table(&net.table()),
+            Some(net.hash().as_str())
+        );
+        assert_eq!(network_hash_of_bridge(&id.host_ifname()), None);
         assert!(NetworkName::parse("Bad").is_none() && NetworkName::parse("-x").is_none());
         assert_eq!(SandboxId::from_ifname(&id.host_ifname()), Some(id.clone()));
         assert_eq!(SandboxId::from_ifname(&id.peer_ifname()), Some(id.clone()));

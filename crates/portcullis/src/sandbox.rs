@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use anyhow::{Context as _, anyhow};
 use portcullis_kernel::addrpool;
 use portcullis_kernel::link;
-use portcullis_kernel::names::{GLOBAL_TABLE, SandboxId};
+use portcullis_kernel::names::{self, GLOBAL_TABLE, SandboxId};
 use portcullis_kernel::nft::sets::NetlinkSetWriter;
 use portcullis_kernel::nft::{Family, antispoof, apply, ruleset};
 use portcullis_kernel::state::{GlobalLock, Lease, NetworkRecord, SandboxRecord, StateDir};
@@ -72,11 +72,40 @@ pub fn cleanup_stale(state: &StateDir, scan: bool) -> Vec<String> {
             removed.push(format!("link {name}"));
         }
     }
+    // A network's bridge and table whose record is gone (a state directory removed by hand).
+    if scan {
+        remove_stale_networks(state, &mut removed);
+    }
     if live.is_empty() && (scan || !records.is_empty()) {
         restore_host(state, &mut removed);
     }
     removed.dedup();
     removed
+}
+
+/// Removes network bridges (`pc-n<hash>`) and tables (`inet portcullis_n<hash>`) that no
+/// network record names. Lock held.
+fn remove_stale_networks(state: &StateDir, removed: &mut Vec<String>) {
+    let Ok(networks) = state.networks() else {
+        return; // unreadable records: remove nothing that might be in use
+    };
+    let known: Vec<String> = networks.iter().map(|n| n.name.hash()).collect();
+    for name in link::link_names().unwrap_or_default() {
+        if let Some(h) = names::network_hash_of_bridge(&name)
+            && !known.iter().any(|k| k == h)
+            && link::delete_link(&name).is_ok()
+        {
+            removed.push(format!("bridge {name}"));
+        }
+    }
+    for table in apply::list_tables().unwrap_or_default() {
+        if let Some(h) = names::network_hash_of_table(&table)
+            && !known.iter().any(|k| k == h)
+            && apply::delete_table(&table).is_ok()
+        {
+            removed.push(format!("nft table inet {table}"));
+        }
+    }
 }
 
 fn remove_objects(id: &SandboxId, removed: &mut Vec<String>) {

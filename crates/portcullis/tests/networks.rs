@@ -480,3 +480,24 @@ fn no_frame_passes_between_ports_and_no_forged_source_enters_the_bridge() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(residue(&world), before, "a network left something behind");
 }
+
+#[test]
+fn cleanup_removes_a_bridge_and_table_whose_record_was_removed_by_hand() {
+    use std::os::unix::fs::MetadataExt as _;
+    let world = World::new(&Zone::new());
+    let before = residue(&world);
+    create_network(&world, "orphan");
+    let ino = std::fs::metadata(format!("/run/netns/{}", world.uplink_ns()))
+        .unwrap()
+        .ino();
+    std::fs::remove_dir_all(format!("/run/portcullis/net-{ino}")).unwrap();
+    let out = portcullis(&world, &["cleanup"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("removed bridge pc-n"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("portcullis_n"), "{}", stderr(&out));
+    assert_eq!(residue(&world), before, "cleanup left the orphaned network");
+}
