@@ -305,8 +305,31 @@ fn sandboxes_on_one_network_keep_their_own_policies_and_cannot_reach_each_other(
         assert_eq!(c.status.code(), Some(0), "{}", stderr(c));
     }
 
-    // Runs ended: the network stays until deleted, then nothing is left.
+    // Runs ended: no port is left on the bridge, no sandbox table, no record; the network
+    // stays until deleted, then nothing is left.
     assert_eq!(attached(&world, "shared"), 0);
+    assert!(
+        wait_until(Duration::from_secs(5), || stdout(
+            &world
+                .uplink_cmd("ip")
+                .args(["-o", "link", "show", "master", &bridge])
+                .output()
+                .unwrap()
+        )
+        .trim()
+        .is_empty()),
+        "a sandbox's port stayed on the bridge"
+    );
+    let nft = stdout(
+        &world
+            .uplink_cmd("nft")
+            .args(["list", "tables"])
+            .output()
+            .unwrap(),
+    );
+    let tables: Vec<&str> = nft.lines().filter(|l| l.contains("portcullis")).collect();
+    let own = format!("table inet portcullis_n{}", &bridge["pc-n".len()..]);
+    assert_eq!(tables, [own.as_str()], "{nft}");
     let out = network_cmd(&world, &["delete", "shared"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&network_cmd(&world, &["list"])).trim().is_empty());
