@@ -32,15 +32,12 @@ pub struct RunOptions {
     pub cmd: Vec<String>,
 }
 
-/// Parses `--network NAME`; networks do not go with `--publish` yet.
+/// Parses `--network NAME`.
 fn network(a: &crate::cli::SandboxArgs) -> anyhow::Result<Option<NetworkName>> {
     let Some(name) = &a.network else {
         return Ok(None);
     };
     let name = NetworkName::try_from(name.clone()).map_err(|e| anyhow!("--network: {e}"))?;
-    if !a.publish.is_empty() {
-        bail!("--publish does not work with --network yet");
-    }
     Ok(Some(name))
 }
 

@@ -307,11 +307,14 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     });
     if publish.iter().any(Publish::from_loopback4) {
         // Connections from the host's 127.0.0.1, DNATed to the sandbox, may leave through its
-        // link only with this; the link, and the setting, go with the sandbox.
-        let path = format!(
-            "/proc/sys/net/ipv4/conf/{}/route_localnet",
-            id.host_ifname()
-        );
+        // link only with this; the link, and the setting, go with the sandbox. On a network
+        // they leave through the bridge: the setting stays there, and goes with the network
+        // (what the sandboxes send to 127.0.0.0/8 still meets their `host_input` drop).
+        let out_link = match &sandbox.network {
+            Some(n) => n.bridge.clone(),
+            None => id.host_ifname(),
+        };
+        let path = format!("/proc/sys/net/ipv4/conf/{out_link}/route_localnet");
         std::fs::write(&path, "1\n")
             .with_context(|| format!("write {path}"))
             .code(FAILED)?;

@@ -113,12 +113,24 @@ fn attached(world: &World, name: &str) -> usize {
     v["sandboxes"].as_array().map_or(0, Vec::len)
 }
 
-fn create_network(world: &World, name: &str) {
+/// Deletes its network when dropped, so that a failing test leaves no record behind (a
+/// later namespace may get the same inode, and with it the same state directory). Declare it
+/// after the world and before the sandboxes: they go first, the world last.
+struct Net<'a>(&'a World, &'a str);
+
+impl Drop for Net<'_> {
+    fn drop(&mut self) {
+        let _ = portcullis(self.0, &["network", "delete", self.1]).output();
+    }
+}
+
+fn create_network<'a>(world: &'a World, name: &'a str) -> Net<'a> {
     let out = network_cmd(
         world,
         &["create", name, "--subnet4", SUBNET4, "--subnet6", SUBNET6],
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    Net(world, name)
 }
 
 /// Starts one sandbox on `net` running `JOB` and waits until it is attached.
@@ -129,7 +141,20 @@ fn start(
     job: &[&str],
     expect_attached: usize,
 ) -> KillOnDrop {
+    start_with(world, net, allow, &[], job, expect_attached)
+}
+
+/// `start`, with more options for `run`.
+fn start_with(
+    world: &World,
+    net: &str,
+    allow: &[&str],
+    options: &[&str],
+    job: &[&str],
+    expect_attached: usize,
+) -> KillOnDrop {
     let mut extra = vec!["--network", net, "--upstream-dns", "198.51.100.53"];
+    extra.extend_from_slice(options);
     for a in allow {
         extra.extend(["--allow", a]);
     }
@@ -196,7 +221,7 @@ fn sandboxes_on_one_network_keep_their_own_policies_and_cannot_reach_each_other(
     );
     world.serve_tcp(80);
     let before = residue(&world);
-    create_network(&world, "shared");
+    let _net = create_network(&world, "shared");
     let bridge = stdout(&network_cmd(&world, &["list"]))
         .split_whitespace()
         .nth(3)
@@ -340,7 +365,7 @@ fn sandboxes_on_one_network_keep_their_own_policies_and_cannot_reach_each_other(
 fn cleanup_after_sigkill_leaves_the_network_and_nothing_else() {
     let world = World::new(&Zone::new());
     let before = residue(&world);
-    create_network(&world, "killed");
+    let _net = create_network(&world, "killed");
     let mut run = start(
         &world,
         "killed",
@@ -400,7 +425,7 @@ fn no_frame_passes_between_ports_and_no_forged_source_enters_the_bridge() {
     let world =
         World::new(&Zone::new().a("a.test", A4.parse::<std::net::Ipv4Addr>().unwrap(), 300));
     let before = residue(&world);
-    create_network(&world, "l2");
+    let _net = create_network(&world, "l2");
     let job1 = ["sb1", "15", "a.test", "b.test", A4, A6];
     let mut sb1 = start(&world, "l2", &["a.test"], &job1, 1);
     // sb2's policy allows sb1's addresses: what it sends through the host reaches sb1.
@@ -509,7 +534,7 @@ fn cleanup_removes_a_bridge_and_table_whose_record_was_removed_by_hand() {
     use std::os::unix::fs::MetadataExt as _;
     let world = World::new(&Zone::new());
     let before = residue(&world);
-    create_network(&world, "orphan");
+    let _net = create_network(&world, "orphan");
     let ino = std::fs::metadata(format!("/run/netns/{}", world.uplink_ns()))
         .unwrap()
         .ino();
@@ -523,4 +548,104 @@ fn cleanup_removes_a_bridge_and_table_whose_record_was_removed_by_hand() {
     );
     assert!(stderr(&out).contains("portcullis_n"), "{}", stderr(&out));
     assert_eq!(residue(&world), before, "cleanup left the orphaned network");
+}
+
+/// A client: `tcp HOST PORT` or `udp HOST PORT`; prints `ok` or `FAILED: ...`.
+const CLIENT: &str = r#"
+import socket, sys
+kind, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+try:
+    if kind == "tcp":
+        socket.create_connection((host, port), timeout=2).close()
+        print("ok")
+    else:
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        s.sendto(b"client", (host, port))
+        print(s.recvfrom(10)[0].decode())
+except OSError as e:
+    print("FAILED:", e)
+"#;
+
+#[test]
+fn published_ports_reach_a_sandbox_on_a_network_and_its_neighbours_do_not() {
+    let world =
+        World::new(&Zone::new().a("a.test", A4.parse::<std::net::Ipv4Addr>().unwrap(), 300));
+    let before = residue(&world);
+    let _net = create_network(&world, "pub");
+    let mut sb1 = start_with(
+        &world,
+        "pub",
+        &["a.test"],
+        &["--publish", "7000:7000", "--publish", "7000:7000/udp"],
+        &["sb1", "12", "a.test", "b.test", A4, A6],
+        1,
+    );
+    let up4 = World::UPLINK_V4.to_string();
+    let up6 = World::UPLINK_V6.to_string();
+    // sb2 tries sb1's published ports through the host's addresses.
+    let mut sb2 = start(
+        &world,
+        "pub",
+        &["a.test"],
+        &["sb2", "3", "a.test", "b.test", A4, A6, &up4, &up6],
+        2,
+    );
+    let client = |from_world: bool, args: &[&str]| {
+        let mut c = if from_world {
+            world.world_cmd("/usr/bin/python3")
+        } else {
+            world.uplink_cmd("/usr/bin/python3")
+        };
+        c.args(["-I", "-c", CLIENT]).args(args);
+        stdout(&c.output().unwrap()).trim().to_owned()
+    };
+    assert_eq!(client(true, &["tcp", &up4, "7000"]), "ok");
+    assert_eq!(client(true, &["tcp", &up6, "7000"]), "ok");
+    assert_eq!(client(true, &["udp", &up4, "7000"]), "ok");
+    assert_eq!(client(false, &["tcp", "127.0.0.1", "7000"]), "ok");
+    // Not the sandbox's own address, from the world or the host: only DNATed connections.
+    assert!(client(true, &["tcp", SB1.0, "7000"]).starts_with("FAILED"));
+    assert!(client(false, &["tcp", SB1.0, "7000"]).starts_with("FAILED"));
+    let out1 = sb1.output_within(Duration::from_secs(60));
+    let out2 = sb2.output_within(Duration::from_secs(60));
+    let (s1, s2) = (stdout(&out1), stdout(&out2));
+    eprintln!(
+        "--- sb1\n{s1}{}\n--- sb2\n{s2}{}",
+        stderr(&out1),
+        stderr(&out2)
+    );
+    assert!(
+        s1.contains(&format!("sb1 accepted tcp from ::ffff:{}", World::WORLD_V4)),
+        "{s1}"
+    );
+    assert!(
+        s1.contains(&format!("sb1 accepted tcp from {}", World::WORLD_V6)),
+        "{s1}"
+    );
+    assert!(
+        s1.contains(&format!(
+            "sb1 accepted udp from ::ffff:{} client",
+            World::WORLD_V4
+        )),
+        "{s1}"
+    );
+    // The host's 127.0.0.1 arrives as the gateway.
+    assert!(
+        s1.contains("sb1 accepted tcp from ::ffff:203.0.113.193"),
+        "{s1}"
+    );
+    assert_eq!(s1.matches("accepted").count(), 4, "{s1}");
+    for proto in ["tcp", "udp"] {
+        for target in [&up4, &up6] {
+            assert!(
+                s2.contains(&format!("sb2 peer {proto} {target} blocked")),
+                "{s2}"
+            );
+        }
+    }
+    let out = network_cmd(&world, &["delete", "pub"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(residue(&world), before, "a network left something behind");
 }

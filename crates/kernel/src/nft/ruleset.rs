@@ -155,10 +155,11 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
              \t\toifname \"{br}\" ip6 daddr {s6} ct state established,related accept\n\
              \t\toifname \"{br}\" iifname \"{br}\" ip daddr {s4} accept\n\
              \t\toifname \"{br}\" iifname \"{br}\" ip6 daddr {s6} accept\n\
-             \t\toifname \"{br}\" ip daddr {s4} counter name {COUNTER_BLOCKED} drop\n\
+             {publish}\t\toifname \"{br}\" ip daddr {s4} counter name {COUNTER_BLOCKED} drop\n\
              \t\toifname \"{br}\" ip6 daddr {s6} counter name {COUNTER_BLOCKED} drop\n",
             s4 = a.sandbox4,
             s6 = a.sandbox6,
+            publish = publish_accepts(r),
         ),
     };
     let mut s = String::with_capacity(4096);
@@ -285,7 +286,13 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
         // A connection from the host's 127.0.0.1 to a published port leaves with the host
         // side's address: the sandbox could not answer 127.0.0.1.
         loopback_nat = if r.publish.iter().any(Publish::from_loopback4) {
-            format!("\t\toifname \"{ifname}\" ip saddr 127.0.0.0/8 masquerade\n")
+            match r.bridge {
+                None => format!("\t\toifname \"{ifname}\" ip saddr 127.0.0.0/8 masquerade\n"),
+                Some(br) => format!(
+                    "\t\toifname \"{br}\" ip saddr 127.0.0.0/8 ip daddr {} masquerade\n",
+                    a.sandbox4
+                ),
+            }
         } else {
             String::new()
         },
@@ -298,7 +305,8 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
 
 /// `accept` rules for connections DNATed to a published port of the sandbox.
 fn publish_accepts(r: &SandboxRules<'_>) -> String {
-    let ifname = r.id.host_ifname();
+    // On a network, the bridge; the destination address names the sandbox.
+    let ifname = r.bridge.map_or_else(|| r.id.host_ifname(), str::to_owned);
     let a = r.addressing;
     let mut s = String::new();
     for p in r.publish {
