@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::nft::ruleset::Addressing;
+use crate::state::NetworkRecord;
 
 /// Default pools for real use; tests and users override them (`--pool4`, `--pool6`).
 pub const DEFAULT_POOL4: &str = "10.139.0.0/16";
@@ -55,6 +56,40 @@ pub fn allocate(
     })
 }
 
+/// Addressing of a sandbox on a named network: the gateways, and the lowest address of each
+/// subnet after its gateway that no sandbox in `taken` holds (the IPv4 broadcast address
+/// excluded), as a /32 and a /128.
+pub fn allocate_on_network(net: &NetworkRecord, taken: &[Addressing]) -> Option<Addressing> {
+    let s4 = net
+        .subnet4
+        .hosts()
+        .filter(|h| *h != net.gateway4)
+        .find(|h| !taken.iter().any(|t| t.sandbox4 == *h))?;
+    let base6 = u128::from(net.gateway6);
+    let last6 = u128::from(net.subnet6.broadcast());
+    let s6 = (1..=1u128 << 20)
+        .map(|k| base6.saturating_add(k))
+        .take_while(|a| *a <= last6)
+        .map(Ipv6Addr::from)
+        .find(|a| !taken.iter().any(|t| t.sandbox6 == *a))?;
+    Some(Addressing {
+        host4: net.gateway4,
+        sandbox4: s4,
+        prefix4: 32,
+        host6: net.gateway6,
+        sandbox6: s6,
+        prefix6: 128,
+    })
+}
+
+/// A free block of `prefix` bits in `pool` that overlaps nothing in `in_use`, for a new
+/// network's default subnet.
+pub fn free_block(pool: IpNet, prefix: u8, in_use: &[IpNet]) -> Option<IpNet> {
+    let prefix = prefix.max(pool.prefix_len());
+    let mut blocks = pool.subnets(prefix).ok()?;
+    blocks.find(|b| !in_use.iter().any(|u| overlaps(u, b)))
+}
+
 /// The prefixes a live sandbox holds, for `allocate`'s `in_use`.
 pub fn prefixes_of(a: &Addressing) -> [IpNet; 2] {
     [
@@ -70,6 +105,27 @@ pub fn prefixes_of(a: &Addressing) -> [IpNet; 2] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_addresses_are_the_lowest_free_after_the_gateway() {
+        let net = NetworkRecord {
+            name: crate::names::NetworkName::parse("n").unwrap(),
+            bridge: "pc-n00000000".into(),
+            subnet4: "203.0.113.192/30".parse().unwrap(),
+            subnet6: "2001:db8:fffe:ff::/126".parse().unwrap(),
+            gateway4: "203.0.113.193".parse().unwrap(),
+            gateway6: "2001:db8:fffe:ff::1".parse().unwrap(),
+        };
+        let a = allocate_on_network(&net, &[]).unwrap();
+        assert_eq!(a.sandbox4, "203.0.113.194".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            a.sandbox6,
+            "2001:db8:fffe:ff::2".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!((a.prefix4, a.prefix6), (32, 128));
+        // A /30 holds one sandbox: .195 is the broadcast address.
+        assert!(allocate_on_network(&net, &[a]).is_none());
+    }
 
     #[test]
     fn skips_blocks_in_use_and_fails_when_full() {

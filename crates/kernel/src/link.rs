@@ -74,10 +74,50 @@ async fn add_addr(
         .map_err(nl(format!("add address {addr}/{prefix} to {ifname}")))
 }
 
+/// Creates the bridge of a named network, up, with its fixed MAC, multicast snooping off (so
+/// the sandboxes' neighbour discovery always reaches the host), and the gateway addresses.
+pub fn create_bridge(
+    name: &str,
+    mac: [u8; 6],
+    gw4: Ipv4Addr,
+    prefix4: u8,
+    gw6: Ipv6Addr,
+    prefix6: u8,
+) -> Result<()> {
+    use rtnetlink::LinkBridge;
+    let name = name.to_owned();
+    with_handle(|handle| async move {
+        let msg = LinkMessageBuilder::<LinkBridge>::new(&name)
+            .address(mac.to_vec())
+            .mcast_snooping(false)
+            .up()
+            .build();
+        handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(nl(format!("create bridge {name}")))?;
+        let index = index_of(&handle, &name).await?;
+        add_addr(&handle, index, &name, gw4.into(), prefix4).await?;
+        add_addr(&handle, index, &name, gw6.into(), prefix6).await
+    })
+}
+
 /// Creates the veth pair of sandbox `id` with its sandbox end (`eth0`) directly in the
 /// namespace at `ns_path`, and configures both ends: addresses, routes, loopback, links up.
-pub fn setup_veth(id: &SandboxId, a: &Addressing, ns_path: &Path) -> Result<()> {
+/// With `bridge`, the host end carries no address: it becomes an isolated port of that
+/// bridge, and the sandbox gets its addresses as /32 and /128 with a host route to the
+/// gateway (`a.host4`, `a.host6`, on the bridge), so that it sends everything to the host.
+pub fn setup_veth(
+    id: &SandboxId,
+    a: &Addressing,
+    ns_path: &Path,
+    bridge: Option<&str>,
+) -> Result<()> {
     let host = id.host_ifname();
+    let bridge = bridge.map(str::to_owned);
+    let bridged = bridge.is_some();
     let ns = std::fs::File::open(ns_path)
         .map_err(|e| Error::io(format!("open {}", ns_path.display()), e))?;
     let a2 = a.clone();
@@ -100,8 +140,35 @@ pub fn setup_veth(id: &SandboxId, a: &Addressing, ns_path: &Path) -> Result<()> 
             "create veth pair {host2}/{SANDBOX_IFNAME} (in the sandbox)"
         )))?;
         let host_index = index_of(&handle, &host2).await?;
-        add_addr(&handle, host_index, &host2, a2.host4.into(), a2.prefix4).await?;
-        add_addr(&handle, host_index, &host2, a2.host6.into(), a2.prefix6).await?;
+        if let Some(bridge) = bridge {
+            use netlink_packet_route::link::InfoBridgePort;
+            use rtnetlink::LinkBridgePort;
+            let br = index_of(&handle, &bridge).await?;
+            handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(host_index)
+                        .controller(br)
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(nl(format!("attach {host2} to bridge {bridge}")))?;
+            // Isolated: no frame passes between two sandboxes' ports, only to the host.
+            handle
+                .link()
+                .set_port(
+                    LinkBridgePort::new(host_index)
+                        .append_info_data(InfoBridgePort::Isolated(true))
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(nl(format!("isolate bridge port {host2}")))?;
+        } else {
+            add_addr(&handle, host_index, &host2, a2.host4.into(), a2.prefix4).await?;
+            add_addr(&handle, host_index, &host2, a2.host6.into(), a2.prefix6).await?;
+        }
         handle
             .link()
             .set(LinkUnspec::new_with_index(host_index).up().build())
@@ -136,6 +203,32 @@ pub fn setup_veth(id: &SandboxId, a: &Addressing, ns_path: &Path) -> Result<()> 
                 .map_err(nl("set the sandbox link up"))?;
             add_addr(&handle, index, SANDBOX_IFNAME, a.sandbox4.into(), a.prefix4).await?;
             add_addr(&handle, index, SANDBOX_IFNAME, a.sandbox6.into(), a.prefix6).await?;
+            if bridged {
+                // No on-link prefix: the gateway is the only neighbour.
+                handle
+                    .route()
+                    .add(
+                        RouteMessageBuilder::<Ipv4Addr>::new()
+                            .destination_prefix(a.host4, 32)
+                            .output_interface(index)
+                            .scope(netlink_packet_route::route::RouteScope::Link)
+                            .build(),
+                    )
+                    .execute()
+                    .await
+                    .map_err(nl(format!("add route to {} in the sandbox", a.host4)))?;
+                handle
+                    .route()
+                    .add(
+                        RouteMessageBuilder::<Ipv6Addr>::new()
+                            .destination_prefix(a.host6, 128)
+                            .output_interface(index)
+                            .build(),
+                    )
+                    .execute()
+                    .await
+                    .map_err(nl(format!("add route to {} in the sandbox", a.host6)))?;
+            }
             handle
                 .route()
                 .add(

@@ -137,6 +137,98 @@ impl fmt::Display for SandboxId {
     }
 }
 
+/// A validated network name (`portcullis network create NAME`): 1 to 32 of lowercase ASCII
+/// letters, digits, `-` and `_`, starting with a letter or digit. Its kernel objects are named
+/// after a hash of it, so any name fits the 15-byte interface limit.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
+pub struct NetworkName(String);
+
+impl TryFrom<String> for NetworkName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::parse(&s).ok_or_else(|| {
+            format!(
+                "invalid network name {s:?}: 1 to 32 of a-z, 0-9, '-' and '_', starting with a letter or digit"
+            )
+        })
+    }
+}
+
+impl From<NetworkName> for String {
+    fn from(n: NetworkName) -> String {
+        n.0
+    }
+}
+
+impl NetworkName {
+    pub fn parse(s: &str) -> Option<Self> {
+        let ok = (1..=32).contains(&s.len())
+            && s.bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        ok.then(|| NetworkName(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// FNV-1a of the name, as 8 hex digits: what its bridge and table are named after.
+    pub fn hash(&self) -> String {
+        let h = self.0.bytes().fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        format!("{h:08x}")
+    }
+
+    /// The network's bridge: `pc-n<hash>` (12 bytes).
+    pub fn bridge(&self) -> String {
+        format!("{IF_PREFIX}n{}", self.hash())
+    }
+
+    /// The network's own `inet` table (redirects onto the bridge).
+    pub fn table(&self) -> String {
+        format!("{TABLE_PREFIX}n{}", self.hash())
+    }
+
+    /// The bridge's fixed MAC, `02:71:<hash>`: without one, a bridge takes its lowest port's
+    /// MAC, which changes as sandboxes come and go.
+    pub fn bridge_mac(&self) -> [u8; 6] {
+        let h = u32::from_str_radix(&self.hash(), 16)
+            .unwrap_or(0)
+            .to_be_bytes();
+        [0x02, 0x71, h[0], h[1], h[2], h[3]]
+    }
+}
+
+/// The hash in a network bridge's name (`pc-n<hash>`), for `cleanup` to recognise a bridge
+/// that no network record names.
+pub fn network_hash_of_bridge(ifname: &str) -> Option<&str> {
+    ifname
+        .strip_prefix(IF_PREFIX)
+        .and_then(|r| r.strip_prefix('n'))
+        .filter(|h| SandboxId::parse(h).is_some())
+}
+
+/// The hash in a network table's name (`portcullis_n<hash>`).
+pub fn network_hash_of_table(table: &str) -> Option<&str> {
+    table
+        .strip_prefix(TABLE_PREFIX)
+        .and_then(|r| r.strip_prefix('n'))
+        .filter(|h| SandboxId::parse(h).is_some())
+}
+
+impl fmt::Display for NetworkName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +237,20 @@ mod tests {
     fn derived_names_fit_and_round_trip() {
         let id = SandboxId::random();
         assert!(id.host_ifname().len() <= 15);
+        let net = NetworkName::parse("build-net_1").unwrap();
+        assert!(net.bridge().len() <= 15 && net.bridge().starts_with("pc-n"));
+        assert_eq!(SandboxId::from_ifname(&net.bridge()), None);
+        assert_eq!(SandboxId::from_table(&net.table()), None);
+        assert_eq!(
+            network_hash_of_bridge(&net.bridge()),
+            Some(net.hash().as_str())
+        );
+        assert_eq!(
+            network_hash_of_table(&net.table()),
+            Some(net.hash().as_str())
+        );
+        assert_eq!(network_hash_of_bridge(&id.host_ifname()), None);
+        assert!(NetworkName::parse("Bad").is_none() && NetworkName::parse("-x").is_none());
         assert_eq!(SandboxId::from_ifname(&id.host_ifname()), Some(id.clone()));
         assert_eq!(SandboxId::from_ifname(&id.peer_ifname()), Some(id.clone()));
         assert_eq!(SandboxId::from_table(&id.table()), Some(id.clone()));

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use crate::names::SandboxId;
+use crate::names::{NetworkName, SandboxId};
 use crate::nft::ruleset::Addressing;
 use crate::sysctl::Forwarding;
 use crate::{Error, Result, netns};
@@ -28,6 +28,20 @@ pub struct SandboxRecord {
     pub pid: u32,
     pub addressing: Option<Addressing>,
     pub nflog_group: Option<u16>,
+    /// The named network the sandbox is attached to, if any.
+    #[serde(default)]
+    pub network: Option<NetworkName>,
+}
+
+/// A named network (`portcullis network create`): persistent until `network delete`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    pub name: NetworkName,
+    pub bridge: String,
+    pub subnet4: ipnet::Ipv4Net,
+    pub subnet6: ipnet::Ipv6Net,
+    pub gateway4: std::net::Ipv4Addr,
+    pub gateway6: std::net::Ipv6Addr,
 }
 
 /// The state directory of one network namespace.
@@ -168,6 +182,7 @@ impl StateDir {
                     pid: 0,
                     addressing: None,
                     nflog_group: None,
+                    network: None,
                 });
             out.push((record, self.is_alive(&id)));
         }
@@ -215,6 +230,58 @@ impl StateDir {
         ids
     }
 
+    fn networks_dir(&self) -> PathBuf {
+        self.path("networks")
+    }
+
+    /// Every recorded network, by name.
+    pub fn networks(&self) -> Result<Vec<NetworkRecord>> {
+        let dir = match std::fs::read_dir(self.networks_dir()) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("read the networks directory", e)),
+        };
+        let mut out: Vec<NetworkRecord> = dir
+            .flatten()
+            .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".json")))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|b| serde_json::from_slice(&b).ok())
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// The record of network `name`, if it exists.
+    pub fn network(&self, name: &NetworkName) -> Result<Option<NetworkRecord>> {
+        let path = self.networks_dir().join(format!("{name}.json"));
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| Error::Other(format!("read {}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("read {}", path.display()), e)),
+        }
+    }
+
+    /// Writes a network's record (atomically, by rename). Call with the global lock held.
+    pub fn save_network(&self, rec: &NetworkRecord) -> Result<()> {
+        let dir = self.networks_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create the networks directory", e))?;
+        let path = dir.join(format!("{}.json", rec.name));
+        let tmp = dir.join(format!("{}.json.tmp", rec.name));
+        let text = serde_json::to_vec_pretty(rec)
+            .map_err(|e| Error::Other(format!("encode network record: {e}")))?;
+        std::fs::write(&tmp, text).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("write {}", path.display()), e))
+    }
+
+    /// Removes a network's record, and the networks directory once it is empty.
+    pub fn remove_network(&self, name: &NetworkName) {
+        let dir = self.networks_dir();
+        let _ = std::fs::remove_file(dir.join(format!("{name}.json")));
+        let _ = std::fs::remove_dir(&dir);
+    }
+
     pub fn saved_forwarding(&self) -> Option<Forwarding> {
         std::fs::read(self.path("forwarding.json"))
             .ok()
@@ -258,6 +325,7 @@ mod tests {
             pid: std::process::id(),
             addressing: None,
             nflog_group: Some(7),
+            network: None,
         };
         let lock = state.lock().unwrap();
         let lease = state.create(&record).unwrap();

@@ -46,6 +46,9 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Remove what killed runs left behind in this network namespace.
     Cleanup,
+    /// Named networks shared by several sandboxes: create, list, show, delete.
+    #[command(subcommand)]
+    Network(NetworkCommand),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -53,6 +56,33 @@ pub enum Command {
     },
     /// Print the man page (roff).
     Man,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCommand {
+    /// Create a network: a bridge with a gateway address in each subnet.
+    Create {
+        /// The network's name: 1 to 32 of a-z, 0-9, '-' and '_'.
+        name: String,
+        /// IPv4 subnet [default: a free /24 of --pool4].
+        #[arg(long, value_name = "CIDR")]
+        subnet4: Option<ipnet::Ipv4Net>,
+        /// IPv6 subnet [default: a free /64 of --pool6].
+        #[arg(long, value_name = "CIDR")]
+        subnet6: Option<ipnet::Ipv6Net>,
+        /// IPv4 pool the default subnet is taken from.
+        #[arg(long, value_name = "CIDR", default_value = portcullis_kernel::addrpool::DEFAULT_POOL4, env = "PORTCULLIS_POOL4")]
+        pool4: ipnet::Ipv4Net,
+        /// IPv6 pool the default subnet is taken from.
+        #[arg(long, value_name = "CIDR", default_value = portcullis_kernel::addrpool::DEFAULT_POOL6, env = "PORTCULLIS_POOL6")]
+        pool6: ipnet::Ipv6Net,
+    },
+    /// List the networks of this network namespace.
+    List,
+    /// Show one network and the sandboxes attached to it (JSON).
+    Show { name: String },
+    /// Delete a network; refused while sandboxes are attached.
+    Delete { name: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -80,6 +110,11 @@ pub struct SandboxArgs {
     /// IPv6 pool for sandbox addresses (a /64 each).
     #[arg(long, value_name = "CIDR", default_value = portcullis_kernel::addrpool::DEFAULT_POOL6, env = "PORTCULLIS_POOL6")]
     pub pool6: ipnet::Ipv6Net,
+    /// Attach the sandbox to the named network (see `portcullis network create`): it shares
+    /// that network's segment with other sandboxes, which it reaches only where its policy
+    /// allows their addresses.
+    #[arg(long, value_name = "NAME")]
+    pub network: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -152,6 +152,7 @@ fn record_of(id: &SandboxId, nflog_group: Option<u16>) -> SandboxRecord {
         pid: std::process::id(),
         addressing: None,
         nflog_group,
+        network: None,
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow, bail};
+use portcullis_kernel::names::NetworkName;
 use portcullis_kernel::nft::ruleset::Publish;
 use portcullis_kernel::process::Credentials;
 use portcullis_policy::{Policy, Protocol, Rule};
@@ -26,7 +27,18 @@ pub struct RunOptions {
     pub explicit_user: Option<u32>,
     pub pool4: ipnet::Ipv4Net,
     pub pool6: ipnet::Ipv6Net,
+    /// `--network`: the named network to attach to.
+    pub network: Option<NetworkName>,
     pub cmd: Vec<String>,
+}
+
+/// Parses `--network NAME`.
+fn network(a: &crate::cli::SandboxArgs) -> anyhow::Result<Option<NetworkName>> {
+    let Some(name) = &a.network else {
+        return Ok(None);
+    };
+    let name = NetworkName::try_from(name.clone()).map_err(|e| anyhow!("--network: {e}"))?;
+    Ok(Some(name))
 }
 
 /// Parses `ADDR`, `ADDR:PORT`, `[V6]:PORT` (port 53 by default).
@@ -227,6 +239,7 @@ pub struct LearnOptions {
     pub user: Option<Credentials>,
     pub pool4: ipnet::Ipv4Net,
     pub pool6: ipnet::Ipv6Net,
+    pub network: Option<NetworkName>,
     pub output: Option<PathBuf>,
     pub format: portcullis_learn::formats::Format,
     pub collapse: Option<usize>,
@@ -260,6 +273,7 @@ impl LearnOptions {
             publish: publishes(&a.sandbox.publish)?,
             pool4: a.sandbox.pool4,
             pool6: a.sandbox.pool6,
+            network: network(&a.sandbox)?,
             output: a.write.output,
             format: format(a.write.format),
             collapse: a.write.collapse.map(|n| n as usize),
@@ -308,6 +322,9 @@ impl RunOptions {
             max_ttl: a.max_ttl,
             ..Default::default()
         };
+        if a.host_network && a.sandbox.network.is_some() {
+            bail!("--network has no meaning with --host-network: CMD stays in this namespace");
+        }
         if a.host_network && !a.sandbox.publish.is_empty() {
             bail!("--publish has no meaning with --host-network: CMD's ports are the host's");
         }
@@ -325,6 +342,7 @@ impl RunOptions {
             host_network: a.host_network,
             pool4: a.sandbox.pool4,
             pool6: a.sandbox.pool6,
+            network: network(&a.sandbox)?,
             cmd: a.cmd,
         })
     }

@@ -9,10 +9,10 @@ use std::net::IpAddr;
 use anyhow::{Context as _, anyhow};
 use portcullis_kernel::addrpool;
 use portcullis_kernel::link;
-use portcullis_kernel::names::{GLOBAL_TABLE, SandboxId};
+use portcullis_kernel::names::{self, GLOBAL_TABLE, SandboxId};
 use portcullis_kernel::nft::sets::NetlinkSetWriter;
 use portcullis_kernel::nft::{Family, antispoof, apply, ruleset};
-use portcullis_kernel::state::{GlobalLock, Lease, SandboxRecord, StateDir};
+use portcullis_kernel::state::{GlobalLock, Lease, NetworkRecord, SandboxRecord, StateDir};
 use portcullis_kernel::sysctl::Forwarding;
 use std::sync::Arc;
 
@@ -72,11 +72,40 @@ pub fn cleanup_stale(state: &StateDir, scan: bool) -> Vec<String> {
             removed.push(format!("link {name}"));
         }
     }
+    // A network's bridge and table whose record is gone (a state directory removed by hand).
+    if scan {
+        remove_stale_networks(state, &mut removed);
+    }
     if live.is_empty() && (scan || !records.is_empty()) {
         restore_host(state, &mut removed);
     }
     removed.dedup();
     removed
+}
+
+/// Removes network bridges (`pc-n<hash>`) and tables (`inet portcullis_n<hash>`) that no
+/// network record names. Lock held.
+fn remove_stale_networks(state: &StateDir, removed: &mut Vec<String>) {
+    let Ok(networks) = state.networks() else {
+        return; // unreadable records: remove nothing that might be in use
+    };
+    let known: Vec<String> = networks.iter().map(|n| n.name.hash()).collect();
+    for name in link::link_names().unwrap_or_default() {
+        if let Some(h) = names::network_hash_of_bridge(&name)
+            && !known.iter().any(|k| k == h)
+            && link::delete_link(&name).is_ok()
+        {
+            removed.push(format!("bridge {name}"));
+        }
+    }
+    for table in apply::list_tables().unwrap_or_default() {
+        if let Some(h) = names::network_hash_of_table(&table)
+            && !known.iter().any(|k| k == h)
+            && apply::delete_table(&table).is_ok()
+        {
+            removed.push(format!("nft table inet {table}"));
+        }
+    }
 }
 
 fn remove_objects(id: &SandboxId, removed: &mut Vec<String>) {
@@ -137,6 +166,8 @@ pub struct Sandbox {
     pub id: SandboxId,
     pub addressing: ruleset::Addressing,
     pub state: StateDir,
+    /// The named network it is attached to, if any.
+    pub network: Option<NetworkRecord>,
     lease: Option<Lease>,
     netlink: Arc<NetlinkSetWriter>,
     /// Set once every process of the sandbox is gone: the kernel then destroys its network
@@ -155,31 +186,53 @@ impl Sandbox {
         pool6: ipnet::Ipv6Net,
         netns: &std::path::Path,
         netlink: Arc<NetlinkSetWriter>,
+        network: Option<NetworkRecord>,
     ) -> anyhow::Result<Self> {
         let lock: GlobalLock = state.lock()?;
         for what in cleanup_stale(state, false) {
             tracing::info!("removed leftover: {what}");
         }
-        let mut in_use = link::prefixes_in_use()?;
-        for (rec, alive) in state.sandboxes()? {
-            if let (true, Some(a)) = (alive, rec.addressing) {
-                in_use.extend(addrpool::prefixes_of(&a));
+        let addressing = match &network {
+            Some(net) => {
+                // The network's record may have gone since the caller read it.
+                if state.network(&net.name)?.as_ref() != Some(net) {
+                    return Err(anyhow!("no network named {}", net.name));
+                }
+                let taken: Vec<ruleset::Addressing> = state
+                    .sandboxes()?
+                    .into_iter()
+                    .filter(|(r, alive)| *alive && r.network.as_ref() == Some(&net.name))
+                    .filter_map(|(r, _)| r.addressing)
+                    .collect();
+                addrpool::allocate_on_network(net, &taken)
+                    .ok_or_else(|| anyhow!("no free address left on network {}", net.name))?
             }
-        }
-        let start = u64::from_str_radix(id.as_str(), 16).unwrap_or(0);
-        let addressing = addrpool::allocate(pool4, pool6, &in_use, start)
-            .ok_or_else(|| anyhow!("no free sandbox addresses in pools {pool4} and {pool6}"))?;
+            None => {
+                let mut in_use = link::prefixes_in_use()?;
+                for (rec, alive) in state.sandboxes()? {
+                    if let (true, Some(a)) = (alive, rec.addressing) {
+                        in_use.extend(addrpool::prefixes_of(&a));
+                    }
+                }
+                let start = u64::from_str_radix(id.as_str(), 16).unwrap_or(0);
+                addrpool::allocate(pool4, pool6, &in_use, start).ok_or_else(|| {
+                    anyhow!("no free sandbox addresses in pools {pool4} and {pool6}")
+                })?
+            }
+        };
         let mut record = SandboxRecord {
             id: id.clone(),
             pid: std::process::id(),
             addressing: Some(addressing.clone()),
             nflog_group: None,
+            network: network.as_ref().map(|n| n.name.clone()),
         };
         let lease = state.create(&record)?;
         let sb = Sandbox {
             id,
             addressing,
             state: state.clone(),
+            network,
             lease: Some(lease),
             netlink,
             netns_gone: false,
@@ -187,7 +240,9 @@ impl Sandbox {
         };
         let wired = (|| -> anyhow::Result<()> {
             enable_forwarding(state)?;
-            link::setup_veth(&sb.id, &sb.addressing, netns).context("wire the sandbox network")?;
+            let bridge = sb.network.as_ref().map(|n| n.bridge.as_str());
+            link::setup_veth(&sb.id, &sb.addressing, netns, bridge)
+                .context("wire the sandbox network")?;
             // Anti-spoofing, bound to the host-side link now that it exists, before CMD
             // starts. Fail closed: without it the run fails, and `sb` tears everything down.
             apply::apply(
@@ -213,6 +268,7 @@ impl Sandbox {
             pid: std::process::id(),
             addressing: Some(self.addressing.clone()),
             nflog_group: Some(group),
+            network: self.network.as_ref().map(|n| n.name.clone()),
         };
         Ok(self.state.update(&record)?)
     }

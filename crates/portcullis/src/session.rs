@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use anyhow::Context as _;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use portcullis_kernel::names::{COUNTER_BLOCKED, COUNTER_SPOOFED, SandboxId};
+use portcullis_kernel::names::{COUNTER_BLOCKED, COUNTER_SPOOFED, NetworkName, SandboxId};
 use portcullis_kernel::nflog::{BlockedPacket, NflogGroup};
 use portcullis_kernel::nft::ruleset::{
     Publish, RelayPorts, SandboxRules, StaticAllow, sandbox_ruleset,
@@ -46,6 +46,8 @@ pub struct Spec {
     pub policy: Arc<Policy>,
     /// `--publish`: ports of the host forwarded to the sandbox.
     pub publish: Vec<Publish>,
+    /// `--network`: the named network to attach to.
+    pub network: Option<NetworkName>,
     /// `learn`: egress open, every query reported here, every new flow logged.
     pub learn: Option<Arc<dyn QueryObserver>>,
     /// Called on the NFLOG thread for each logged packet: blocked ones for `run`, the first
@@ -165,12 +167,34 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         relay,
         policy,
         publish,
+        network,
         learn,
         on_packet,
     } = spec;
     require_privileges()?;
     find_command(&cmd[0])?;
     let state = StateDir::open(state_dir).code(FAILED)?;
+    let network = match network {
+        Some(name) => match state.network(&name).code(FAILED)? {
+            Some(net) => Some(net),
+            None => {
+                // Leave no state directory behind for a run that never started.
+                if let Ok(lock) = state.lock() {
+                    if state.sandboxes().map(|v| v.is_empty()).unwrap_or(false) {
+                        state.remove_if_empty();
+                    }
+                    drop(lock);
+                }
+                return Err(fail(
+                    FAILED,
+                    format!(
+                        "no network named {name} (create it with: portcullis network create {name})"
+                    ),
+                ));
+            }
+        },
+        None => None,
+    };
     let signals = Arc::new(Signals::default());
     spawn_signal_thread(signals.clone());
 
@@ -221,6 +245,7 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         pool6,
         &helper.netns_path(),
         netlink.clone(),
+        network,
     )
     .code(FAILED)?;
     aborted(&signals)?;
@@ -267,14 +292,18 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         nflog_group: nflog.group,
         learn: learn.is_some(),
         publish: &publish,
+        bridge: sandbox.network.as_ref().map(|n| n.bridge.as_str()),
     });
     if publish.iter().any(Publish::from_loopback4) {
         // Connections from the host's 127.0.0.1, DNATed to the sandbox, may leave through its
-        // link only with this; the link, and the setting, go with the sandbox.
-        let path = format!(
-            "/proc/sys/net/ipv4/conf/{}/route_localnet",
-            id.host_ifname()
-        );
+        // link only with this; the link, and the setting, go with the sandbox. On a network
+        // they leave through the bridge: the setting stays there, and goes with the network
+        // (what the sandboxes send to 127.0.0.0/8 still meets their `host_input` drop).
+        let out_link = match &sandbox.network {
+            Some(n) => n.bridge.clone(),
+            None => id.host_ifname(),
+        };
+        let path = format!("/proc/sys/net/ipv4/conf/{out_link}/route_localnet");
         std::fs::write(&path, "1\n")
             .with_context(|| format!("write {path}"))
             .code(FAILED)?;

@@ -93,6 +93,9 @@ pub struct SandboxRules<'a> {
     pub learn: bool,
     /// Ports of the host published to the sandbox.
     pub publish: &'a [Publish],
+    /// The bridge of the named network the sandbox is attached to: its traffic is then
+    /// recognised by that bridge and its own addresses instead of by its own link.
+    pub bridge: Option<&'a str>,
 }
 
 /// The conntrack mark bit a learning sandbox sets on each flow it has logged, so that a
@@ -106,6 +109,59 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
     let ifname = r.id.host_ifname();
     let a = r.addressing;
     let p = r.relay;
+    // On a network, the sandbox's packets enter on the bridge; anti-spoofing at its port
+    // guarantees their source addresses, which tell it from the other sandboxes there.
+    let dev = r.bridge.map_or_else(|| ifname.clone(), str::to_owned);
+    let ll = r.id.sandbox_link_local();
+    let (sel4, sel6) = match r.bridge {
+        Some(_) => (
+            format!(" ip saddr {}", a.sandbox4),
+            format!(" ip6 saddr {}", a.sandbox6),
+        ),
+        None => (String::new(), String::new()),
+    };
+    let others_in = match r.bridge {
+        Some(_) => format!(
+            "\t\t# Another sandbox of the network: its own table decides.\n\
+             \t\tmeta nfproto ipv4 ip saddr != {s4} return\n\
+             \t\tmeta nfproto ipv6 ip6 saddr != {{ {s6}, {ll} }} return\n",
+            s4 = a.sandbox4,
+            s6 = a.sandbox6,
+        ),
+        None => String::new(),
+    };
+    let others_out = match r.bridge {
+        Some(_) => format!(
+            "\t\tmeta nfproto ipv4 ip daddr != {s4} return\n\
+             \t\tmeta nfproto ipv6 ip6 daddr != {{ {s6}, {ll} }} return\n",
+            s4 = a.sandbox4,
+            s6 = a.sandbox6,
+        ),
+        None => String::new(),
+    };
+    let forward = match r.bridge {
+        None => format!(
+            "\t\tiifname \"{ifname}\" jump egress\n\
+             \t\toifname \"{ifname}\" ct state established,related accept\n\
+             {publish}\t\toifname \"{ifname}\" counter name {COUNTER_BLOCKED} drop\n",
+            publish = publish_accepts(r),
+        ),
+        // Towards the sandbox: replies, and new flows from another sandbox of the network,
+        // which that sandbox's own egress chain has already allowed (a drop there is final).
+        Some(br) => format!(
+            "\t\tiifname \"{br}\"{sel4} jump egress\n\
+             \t\tiifname \"{br}\"{sel6} jump egress\n\
+             \t\toifname \"{br}\" ip daddr {s4} ct state established,related accept\n\
+             \t\toifname \"{br}\" ip6 daddr {s6} ct state established,related accept\n\
+             \t\toifname \"{br}\" iifname \"{br}\" ip daddr {s4} accept\n\
+             \t\toifname \"{br}\" iifname \"{br}\" ip6 daddr {s6} accept\n\
+             {publish}\t\toifname \"{br}\" ip daddr {s4} counter name {COUNTER_BLOCKED} drop\n\
+             \t\toifname \"{br}\" ip6 daddr {s6} counter name {COUNTER_BLOCKED} drop\n",
+            s4 = a.sandbox4,
+            s6 = a.sandbox6,
+            publish = publish_accepts(r),
+        ),
+    };
     let mut s = String::with_capacity(4096);
     let _ = write!(
         s,
@@ -119,20 +175,20 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
 	# Every DNS packet of the sandbox, whatever its destination, goes to the relay.
 	chain dns_redirect {{
 		type nat hook prerouting priority dstnat - 10; policy accept;
-		iifname "{ifname}" meta nfproto ipv4 udp dport 53 dnat ip to {h4}:{u4}
-		iifname "{ifname}" meta nfproto ipv4 tcp dport 53 dnat ip to {h4}:{t4}
-		iifname "{ifname}" meta nfproto ipv6 udp dport 53 dnat ip6 to [{h6}]:{u6}
-		iifname "{ifname}" meta nfproto ipv6 tcp dport 53 dnat ip6 to [{h6}]:{t6}
+		iifname "{dev}"{sel4} meta nfproto ipv4 udp dport 53 dnat ip to {h4}:{u4}
+		iifname "{dev}"{sel4} meta nfproto ipv4 tcp dport 53 dnat ip to {h4}:{t4}
+		iifname "{dev}"{sel6} meta nfproto ipv6 udp dport 53 dnat ip6 to [{h6}]:{u6}
+		iifname "{dev}"{sel6} meta nfproto ipv6 tcp dport 53 dnat ip6 to [{h6}]:{t6}
 	}}
 
 	# From the sandbox, the host accepts the relay's ports and neighbour discovery only.
 	chain host_input {{
 		type filter hook input priority filter; policy accept;
-		iifname != "{ifname}" return
+		iifname != "{dev}" return
 		# The sandbox kernel's own link chatter (router solicitations, MLD reports; CMD has no
 		# raw sockets to send them) is no flow of CMD's: dropped without counting or logging.
 		icmpv6 type {{ nd-router-solicit, mld-listener-report, mld2-listener-report }} drop
-		meta nfproto ipv4 ip saddr != {s4} counter name {COUNTER_BLOCKED} drop
+{others_in}		meta nfproto ipv4 ip saddr != {s4} counter name {COUNTER_BLOCKED} drop
 		meta nfproto ipv6 ip6 saddr != {{ {s6}, fe80::/10 }} counter name {COUNTER_BLOCKED} drop
 		ct state established,related accept
 		ip daddr {h4} udp dport {u4} accept
@@ -145,17 +201,14 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
 
 	chain forward {{
 		type filter hook forward priority filter; policy accept;
-		iifname "{ifname}" jump egress
-		oifname "{ifname}" ct state established,related accept
-{publish_forward}		oifname "{ifname}" counter name {COUNTER_BLOCKED} drop
-	}}
+{forward}	}}
 
 	# From the host itself, the sandbox takes replies, neighbour discovery and published
 	# ports only. Nothing here is CMD's doing: the drops are not counted as blocked.
 	chain host_output {{
 		type filter hook output priority filter; policy accept;
-		oifname != "{ifname}" return
-		ct state established,related accept
+		oifname != "{dev}" return
+{others_out}		ct state established,related accept
 		icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept
 {publish_forward}		counter drop
 	}}
@@ -225,15 +278,21 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
 
 	chain source_nat {{
 		type nat hook postrouting priority srcnat; policy accept;
-		oifname != "{ifname}" ip saddr {s4} masquerade
-		oifname != "{ifname}" ip6 saddr {s6} masquerade
+		oifname != "{dev}" ip saddr {s4} masquerade
+		oifname != "{dev}" ip6 saddr {s6} masquerade
 {loopback_nat}	}}
 }}
 "#,
         // A connection from the host's 127.0.0.1 to a published port leaves with the host
         // side's address: the sandbox could not answer 127.0.0.1.
         loopback_nat = if r.publish.iter().any(Publish::from_loopback4) {
-            format!("\t\toifname \"{ifname}\" ip saddr 127.0.0.0/8 masquerade\n")
+            match r.bridge {
+                None => format!("\t\toifname \"{ifname}\" ip saddr 127.0.0.0/8 masquerade\n"),
+                Some(br) => format!(
+                    "\t\toifname \"{br}\" ip saddr 127.0.0.0/8 ip daddr {} masquerade\n",
+                    a.sandbox4
+                ),
+            }
         } else {
             String::new()
         },
@@ -246,7 +305,8 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
 
 /// `accept` rules for connections DNATed to a published port of the sandbox.
 fn publish_accepts(r: &SandboxRules<'_>) -> String {
-    let ifname = r.id.host_ifname();
+    // On a network, the bridge; the destination address names the sandbox.
+    let ifname = r.bridge.map_or_else(|| r.id.host_ifname(), str::to_owned);
     let a = r.addressing;
     let mut s = String::new();
     for p in r.publish {
@@ -344,6 +404,22 @@ fn publish_nat(r: &SandboxRules<'_>) -> String {
     )
 }
 
+/// The table of a named network: the host never tells a sandbox to bypass it. Forwarding
+/// from the bridge back onto it would make the kernel send ICMP and ICMPv6 redirects, and a
+/// sandbox that followed one would try its neighbour directly, which port isolation drops.
+pub fn network_ruleset(table: &str, bridge: &str) -> String {
+    format!(
+        r#"table inet {table} {{
+	chain host_output {{
+		type filter hook output priority filter; policy accept;
+		oifname "{bridge}" icmp type redirect drop
+		oifname "{bridge}" icmpv6 type nd-redirect drop
+	}}
+}}
+"#
+    )
+}
+
 /// The shared table that keeps forwarding confined to sandbox interfaces, for the families
 /// whose forwarding Portcullis itself turned on (`confine4`, `confine6`): forwarded traffic of
 /// those families between the namespace's other interfaces is dropped, as it was before, and
@@ -418,6 +494,7 @@ mod tests {
             nflog_group: 4242,
             learn: false,
             publish: &[],
+            bridge: None,
         });
         assert!(!text.contains("ct mark"));
         assert!(text.starts_with("table inet portcullis_0a1b2c3d {"));
@@ -474,6 +551,7 @@ mod tests {
             nflog_group: 4242,
             learn: true,
             publish: &[],
+            bridge: None,
         });
         let egress =
             &text[text.find("chain egress").unwrap()..text.find("chain source_nat").unwrap()];
@@ -523,6 +601,7 @@ mod tests {
             nflog_group: 4242,
             learn: false,
             publish: &publish,
+            bridge: None,
         });
         let nat_in = &text
             [text.find("chain publish_in").unwrap()..text.find("chain publish_local").unwrap()];
@@ -567,6 +646,61 @@ mod tests {
     }
 
     #[test]
+    fn on_a_network_everything_is_keyed_on_the_bridge_and_the_sandboxes_addresses() {
+        let id = SandboxId::parse("0a1b2c3d").unwrap();
+        let a = Addressing {
+            host4: "203.0.113.193".parse().unwrap(),
+            sandbox4: "203.0.113.194".parse().unwrap(),
+            prefix4: 32,
+            host6: "2001:db8:fffe:ff::1".parse().unwrap(),
+            sandbox6: "2001:db8:fffe:ff::2".parse().unwrap(),
+            prefix6: 128,
+        };
+        let text = sandbox_ruleset(&SandboxRules {
+            id: &id,
+            addressing: &a,
+            relay: RelayPorts {
+                udp4: 1001,
+                tcp4: 1002,
+                udp6: 1003,
+                tcp6: 1004,
+            },
+            statics: &[],
+            nflog_group: 4242,
+            learn: false,
+            publish: &[],
+            bridge: Some("pc-n01234567"),
+        });
+        // The sandbox's own link appears nowhere: its packets enter on the bridge.
+        assert!(!text.contains("pc-0a1b2c3d-h"), "{text}");
+        assert!(text.contains(r#"iifname "pc-n01234567" ip saddr 203.0.113.194 meta nfproto ipv4 udp dport 53 dnat ip to 203.0.113.193:1001"#));
+        assert!(
+            text.contains(r#"iifname "pc-n01234567" ip6 saddr 2001:db8:fffe:ff::2 jump egress"#)
+        );
+        // Other sandboxes' packets are left to their own tables, in input and output.
+        let input =
+            &text[text.find("chain host_input").unwrap()..text.find("chain forward").unwrap()];
+        let ret = input.find("ip saddr != 203.0.113.194 return").unwrap();
+        assert!(ret < input.find("counter name blocked").unwrap());
+        assert!(
+            text.contains("ip6 daddr != { 2001:db8:fffe:ff::2, fe80::70:aff:fe1b:2c3d } return")
+        );
+        // Towards the sandbox: replies, other sandboxes (their egress decided), else drop.
+        let forward =
+            &text[text.find("chain forward").unwrap()..text.find("chain host_output").unwrap()];
+        let from_peer = forward
+            .find(r#"oifname "pc-n01234567" iifname "pc-n01234567" ip daddr 203.0.113.194 accept"#)
+            .unwrap();
+        let drop = forward
+            .find(r#"oifname "pc-n01234567" ip daddr 203.0.113.194 counter name blocked drop"#)
+            .unwrap();
+        assert!(from_peer < drop);
+        assert!(text.contains(r#"oifname != "pc-n01234567" ip saddr 203.0.113.194 masquerade"#));
+        let net = network_ruleset("portcullis_n01234567", "pc-n01234567");
+        assert!(net.contains(r#"oifname "pc-n01234567" icmpv6 type nd-redirect drop"#));
+    }
+
+    #[test]
     fn without_publish_nothing_enters() {
         let id = SandboxId::parse("0a1b2c3d").unwrap();
         let a = addressing();
@@ -583,6 +717,7 @@ mod tests {
             nflog_group: 4242,
             learn: false,
             publish: &[],
+            bridge: None,
         });
         assert!(!text.contains("publish_in") && !text.contains("ct status dnat"));
         assert!(!text.contains("127.0.0.0/8"));

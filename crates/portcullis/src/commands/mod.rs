@@ -3,6 +3,7 @@
 mod cleanup;
 mod docs;
 mod learn;
+mod network;
 mod policy;
 mod run;
 
@@ -16,6 +17,7 @@ pub fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Learn(args) => learn::learn(args, cli.state_dir),
         Command::Policy(cmd) => policy::policy(cmd),
         Command::Cleanup => cleanup::cleanup(cli.state_dir),
+        Command::Network(cmd) => network::network(cmd, cli.state_dir),
         Command::Completions { shell } => docs::completions(shell),
         Command::Man => docs::man(),
     }

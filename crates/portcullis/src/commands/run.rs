@@ -35,6 +35,7 @@ pub fn run(args: RunArgs, state_dir: Option<PathBuf>) -> Result<i32, Failure> {
         relay: opts.relay.clone(),
         policy: opts.policy.clone(),
         publish: opts.publish.clone(),
+        network: opts.network.clone(),
         learn: None,
         on_packet,
     };
