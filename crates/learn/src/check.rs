@@ -687,7 +687,7 @@ domain = "never.example.org"
     #[test]
     fn empty_policy_and_empty_log() {
         // A name no rule could allow is listed, but the check stays clean: no policy fixes it.
-        let r = check(&Policy::default(), &[query("10.0.0.1", &[])]);
+        let r = check(&Policy::default(), &[query("192.0.2.1", &[])]);
         assert_eq!(r.denied.len(), 1);
         assert!(r.is_clean(), "{r:?}");
         assert!(r.suggested_allow.is_empty());

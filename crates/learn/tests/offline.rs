@@ -279,23 +279,23 @@ const SYSLOG: &str = "\
 Nov 22 10:00:00 gw dnsmasq[812]: started, version 2.90 cachesize 150
 Nov 22 10:00:00 gw dnsmasq[812]: using nameserver 9.9.9.9#53
 Nov 22 10:00:01 gw systemd[1]: Started dnsmasq.service - dnsmasq.
-Nov 22 10:00:05 gw dnsmasq[812]: query[A] registry.npmjs.org from 10.0.0.2
+Nov 22 10:00:05 gw dnsmasq[812]: query[A] registry.npmjs.org from 192.0.2.2
 Nov 22 10:00:05 gw dnsmasq[812]: forwarded registry.npmjs.org to 9.9.9.9
-Nov 22 10:00:05 gw dnsmasq[812]: reply registry.npmjs.org is 104.16.0.35
-Nov 22 10:00:05 gw dnsmasq[812]: reply registry.npmjs.org is 104.16.1.35
-Nov 22 10:00:06 gw dnsmasq[812]: query[A] github.com from 10.0.0.2
-Nov 22 10:00:06 gw dnsmasq[812]: cached github.com is 140.82.121.4
-Nov 22 10:00:06 gw dnsmasq[812]: query[AAAA] github.com from 10.0.0.2
+Nov 22 10:00:05 gw dnsmasq[812]: reply registry.npmjs.org is 198.51.100.35
+Nov 22 10:00:05 gw dnsmasq[812]: reply registry.npmjs.org is 198.51.100.36
+Nov 22 10:00:06 gw dnsmasq[812]: query[A] github.com from 192.0.2.2
+Nov 22 10:00:06 gw dnsmasq[812]: cached github.com is 198.51.100.4
+Nov 22 10:00:06 gw dnsmasq[812]: query[AAAA] github.com from 192.0.2.2
 Nov 22 10:00:06 gw dnsmasq[812]: forwarded github.com to 9.9.9.9
 Nov 22 10:00:06 gw dnsmasq[812]: reply github.com is NODATA-IPv6
 garbage without a date
-Nov 22 10:00:07 gw dnsmasq[812]: query[A] objects.githubusercontent.com from 10.0.0.2
+Nov 22 10:00:07 gw dnsmasq[812]: query[A] objects.githubusercontent.com from 192.0.2.2
 Nov 22 10:00:07 gw dnsmasq[812]: query[A] telemetry.example.net fr
 Nov 22 10:00:07 gw dnsmasq[812]: forwarded objects.githubusercontent.com to 9.9.9.9
 Nov 22 10:00:07 gw dnsmasq[812]: reply objects.githubusercontent.com is <CNAME>
-Nov 22 10:00:07 gw dnsmasq[812]: reply github.map.fastly.net is 185.199.108.133
-Feb 30 10:00:08 gw dnsmasq[812]: query[A] bad-date.example from 10.0.0.2
-Nov 22 10:00:09 gw dnsmasq[812]: query[A] tracker.example.org from 10.0.0.2
+Nov 22 10:00:07 gw dnsmasq[812]: reply github.map.fastly.net is 198.51.100.133
+Feb 30 10:00:08 gw dnsmasq[812]: query[A] bad-date.example from 192.0.2.2
+Nov 22 10:00:09 gw dnsmasq[812]: query[A] tracker.example.org from 192.0.2.2
 Nov 22 10:00:09 gw dnsmasq[812]: config tracker.example.org is NXDOMAIN
 Nov 22 10:00:09 gw kernel: [UFW BLOCK] IN=eth0
 Nov 22 10:00:10 gw dnsmasq[8
@@ -341,11 +341,11 @@ fn hand_written_syslog_with_junk() {
             "tracker.example.org"
         ]
     );
-    assert_eq!(q[0].answers, vec![ip("104.16.0.35"), ip("104.16.1.35")]);
-    assert_eq!(q[1].answers, vec![ip("140.82.121.4")]);
+    assert_eq!(q[0].answers, vec![ip("198.51.100.35"), ip("198.51.100.36")]);
+    assert_eq!(q[1].answers, vec![ip("198.51.100.4")]);
     assert_eq!((q[2].qtype.as_str(), q[2].answers.len()), ("AAAA", 0));
     assert_eq!(q[3].cnames, vec!["github.map.fastly.net"]);
-    assert_eq!(q[3].answers, vec![ip("185.199.108.133")]);
+    assert_eq!(q[3].answers, vec![ip("198.51.100.133")]);
     assert_eq!(q[4].rcode, "NXDOMAIN");
 
     let policy = Policy::from_toml_str(

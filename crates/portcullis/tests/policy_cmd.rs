@@ -47,10 +47,10 @@ fn stderr(out: &Output) -> String {
 
 const DNSMASQ_LOG: &str = "\
 Nov 22 10:00:00 dnsmasq[812]: started, version 2.90 cachesize 150
-Nov 22 10:00:05 dnsmasq[812]: query[A] api.example.com from 10.0.0.2
+Nov 22 10:00:05 dnsmasq[812]: query[A] api.example.com from 192.0.2.2
 Nov 22 10:00:05 dnsmasq[812]: reply api.example.com is 198.51.100.7
 this line is junk
-Nov 22 10:00:06 dnsmasq[812]: query[A] telemetry.example.net from 10.0.0.2
+Nov 22 10:00:06 dnsmasq[812]: query[A] telemetry.example.net from 192.0.2.2
 Nov 22 10:00:06 dnsmasq[812]: reply telemetry.example.net is 203.0.113.9
 Nov 22 10:00:07 dnsmasq[812]: reply truncated.exam
 ";
