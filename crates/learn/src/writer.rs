@@ -45,12 +45,12 @@ pub struct LogSource {
 }
 
 /// Totals over every log.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Counts {
     pub logs: u64,
     pub queries: u64,
     pub flows: u64,
-    /// Flows the kernel lost, from the `end` events.
+    /// Times the kernel lost logged flows, from the `end` events.
     pub flows_lost: u64,
     /// Distinct valid queried (or connected-to) names.
     pub names: u64,

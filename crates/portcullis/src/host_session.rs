@@ -24,15 +24,15 @@ use portcullis_kernel::nflog::NflogGroup;
 use portcullis_kernel::nft::host_ruleset::{HostRelay, HostRules, Selector, host_ruleset};
 use portcullis_kernel::nft::sets::{NetlinkSetWriter, SetWriter};
 use portcullis_kernel::nft::{Family, apply};
-use portcullis_kernel::process::{Helper, InitSpec};
+use portcullis_kernel::process::InitSpec;
 use portcullis_kernel::state::{Lease, SandboxRecord, StateDir};
 
 use portcullis_relay::{SandboxCtx, server};
 
 use crate::exit::{FAILED, Failure, USAGE, WithCode as _, fail};
 use crate::session::{
-    Finished, RELAY_UDP_BUFFER, Signals, Spec, find_command, nflog_candidates, require_privileges,
-    spawn_signal_thread,
+    Finished, RELAY_UDP_BUFFER, Signals, Spec, aborted, find_command, nflog_candidates,
+    relay_runtime, require_privileges, spawn_signal_thread, start_helper,
 };
 
 /// How CMD's sockets are recognised: the kernel side of the choice, and the group to remove.
@@ -235,23 +235,8 @@ pub fn execute(
     let state = StateDir::open(state_dir).code(FAILED)?;
     let signals = Arc::new(Signals::default());
     spawn_signal_thread(signals.clone());
-    let aborted = |s: &Signals| -> Result<(), Failure> {
-        match s.aborted.load(Ordering::SeqCst) {
-            0 => Ok(()),
-            n => Err(fail(
-                128 + n,
-                format!("interrupted by signal {n} while setting up"),
-            )),
-        }
-    };
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("relay")
-        .enable_all()
-        .build()
-        .context("start the relay runtime")
-        .code(FAILED)?;
+    let rt = relay_runtime()?;
     let netlink = Arc::new(NetlinkSetWriter::open().code(FAILED)?);
     let writer: Arc<dyn SetWriter> = netlink.clone();
 
@@ -259,24 +244,15 @@ pub fn execute(
     // group and table go.
     let mut run = HostRun::record(&state, id.clone(), netlink.clone()).code(FAILED)?;
     let resolv_path = state.resolv_conf(&id);
-    let exe = std::fs::read_link("/proc/self/exe")
-        .context("find own executable")
-        .code(FAILED)?;
-    let init = InitSpec {
-        argv: cmd,
-        user,
-        resolv_conf: resolv_path.clone(),
-        host_network: true,
-    };
-    let mut helper = Helper::spawn(&exe, &init).code(FAILED)?;
-    signals
-        .helper
-        .store(helper.child.id() as i32, Ordering::SeqCst);
-    helper
-        .wait_ready()
-        .code(FAILED)
-        .and_then(|()| aborted(&signals))
-        .map_err(|e| aborted(&signals).err().unwrap_or(e))?;
+    let mut helper = start_helper(
+        InitSpec {
+            argv: cmd,
+            user,
+            resolv_conf: resolv_path.clone(),
+            host_network: true,
+        },
+        &signals,
+    )?;
 
     // The helper waits for "go": CMD, forked after it, is born in the group.
     if let Some(cg) = &cgroup2 {

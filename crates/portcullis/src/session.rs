@@ -198,45 +198,21 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     let signals = Arc::new(Signals::default());
     spawn_signal_thread(signals.clone());
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("relay")
-        .enable_all()
-        .build()
-        .context("start the relay runtime")
-        .code(FAILED)?;
+    let rt = relay_runtime()?;
     let netlink = Arc::new(NetlinkSetWriter::open().code(FAILED)?);
     let writer: Arc<dyn SetWriter> = netlink.clone();
 
     let id = SandboxId::random();
     let resolv_path = state.resolv_conf(&id);
-    let exe = std::fs::read_link("/proc/self/exe")
-        .context("find own executable")
-        .code(FAILED)?;
-    let init = InitSpec {
-        argv: cmd,
-        user,
-        resolv_conf: resolv_path.clone(),
-        host_network: false,
-    };
-    let mut helper = Helper::spawn(&exe, &init).code(FAILED)?;
-    signals
-        .helper
-        .store(helper.child.id() as i32, Ordering::SeqCst);
-    let aborted = |s: &Signals| -> Result<(), Failure> {
-        match s.aborted.load(Ordering::SeqCst) {
-            0 => Ok(()),
-            n => Err(fail(
-                128 + n,
-                format!("interrupted by signal {n} while setting up"),
-            )),
-        }
-    };
-    helper
-        .wait_ready()
-        .code(FAILED)
-        .and_then(|()| aborted(&signals))
-        .map_err(|e| aborted(&signals).err().unwrap_or(e))?;
+    let mut helper = start_helper(
+        InitSpec {
+            argv: cmd,
+            user,
+            resolv_conf: resolv_path.clone(),
+            host_network: false,
+        },
+        &signals,
+    )?;
 
     let mut sandbox = Sandbox::create(
         &state,
@@ -367,6 +343,46 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         dns: ctx.report(),
         log_overflows: lost.load(Ordering::Relaxed),
     })
+}
+
+/// The small runtime the relay runs on, beside the kernel work of the calling thread.
+pub(crate) fn relay_runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("relay")
+        .enable_all()
+        .build()
+        .context("start the relay runtime")
+        .code(FAILED)
+}
+
+/// Fails with 128+N when signal N arrived during set-up.
+pub(crate) fn aborted(s: &Signals) -> Result<(), Failure> {
+    match s.aborted.load(Ordering::SeqCst) {
+        0 => Ok(()),
+        n => Err(fail(
+            128 + n,
+            format!("interrupted by signal {n} while setting up"),
+        )),
+    }
+}
+
+/// Starts the `__sandbox-init` helper for `init` and waits until its namespaces exist; it then
+/// waits for `go`. A signal during set-up wins over the error it caused.
+pub(crate) fn start_helper(init: InitSpec, signals: &Signals) -> Result<Helper, Failure> {
+    let exe = std::fs::read_link("/proc/self/exe")
+        .context("find own executable")
+        .code(FAILED)?;
+    let mut helper = Helper::spawn(&exe, &init).code(FAILED)?;
+    signals
+        .helper
+        .store(helper.child.id() as i32, Ordering::SeqCst);
+    helper
+        .wait_ready()
+        .code(FAILED)
+        .and_then(|()| aborted(signals))
+        .map_err(|e| aborted(signals).err().unwrap_or(e))?;
+    Ok(helper)
 }
 
 /// The destinations the policy's CIDR rules allow, for the ruleset.

@@ -160,6 +160,18 @@ fn read_log(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// `portcullis policy check POLICY LOG`, echoed.
+fn policy_check(policy: &Path, log: &Path) -> std::process::Output {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["policy", "check"])
+        .arg(policy)
+        .arg(log)
+        .output()
+        .unwrap();
+    echo(&out);
+    out
+}
+
 /// Removes the `[[allow]]` block for `domain` (and its comment lines) from a TOML policy.
 fn without_rule(policy: &str, domain: &str) -> String {
     let blocks: Vec<&str> = policy.split("\n\n").collect();
@@ -311,13 +323,7 @@ fn learned_policy_lets_the_same_job_pass_and_flags_the_hard_coded_flow() {
     assert_eq!(r["suggested_allow"], serde_json::json!(["c1.learn.test"]));
     assert!(stderr(&out).contains("--allow 'c1.learn.test'"));
     // ...and `policy check` predicts the same from the log alone.
-    let check = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["policy", "check"])
-        .arg(&reduced)
-        .arg(&log)
-        .output()
-        .unwrap();
-    echo(&check);
+    let check = policy_check(&reduced, &log);
     assert_eq!(check.status.code(), Some(1));
     let said = String::from_utf8_lossy(&check.stdout).to_string();
     let suggested: Vec<&str> = said
@@ -328,13 +334,7 @@ fn learned_policy_lets_the_same_job_pass_and_flags_the_hard_coded_flow() {
     assert_eq!(suggested, ["c1.learn.test"], "check suggests what run did");
 
     // The learned policy passes its own check against the log it came from.
-    let check = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["policy", "check"])
-        .arg(&policy)
-        .arg(&log)
-        .output()
-        .unwrap();
-    echo(&check);
+    let check = policy_check(&policy, &log);
     assert_eq!(check.status.code(), Some(0));
 }
 

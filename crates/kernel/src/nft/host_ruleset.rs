@@ -12,12 +12,12 @@
 
 use std::fmt::Write as _;
 
-use ipnet::IpNet;
-
 use crate::names::{
     COUNTER_BLOCKED, SET_ALLOW4, SET_ALLOW4_PORT, SET_ALLOW6, SET_ALLOW6_PORT, SandboxId,
 };
-use crate::nft::ruleset::{LOG_BURST, LOG_RATE_PER_SECOND, SET_SIZE, StaticAllow};
+use crate::nft::ruleset::{
+    LOG_BURST, LOG_RATE_PER_SECOND, StaticAllow, set_declarations, static_accepts,
+};
 
 /// Which sockets are CMD's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,31 +101,10 @@ pub fn host_ruleset(r: &HostRules<'_>) -> String {
              \t\tip6 daddr ::1 tcp dport {t6} ct status dnat accept\n"
         );
     }
-    let mut statics = String::new();
-    for st in r.statics {
-        let family = match st.net {
-            IpNet::V4(_) => "ip",
-            IpNet::V6(_) => "ip6",
-        };
-        if st.ports.is_empty() {
-            let _ = writeln!(statics, "\t\t{family} daddr {} accept", st.net);
-        }
-        for (proto, port) in &st.ports {
-            let _ = writeln!(
-                statics,
-                "\t\t{family} daddr {} {proto} dport {port} accept",
-                st.net
-            );
-        }
-    }
+    let statics = static_accepts(r.statics);
     format!(
         r#"table inet {table} {{
-	set {SET_ALLOW4} {{ type ipv4_addr; flags timeout; size {SET_SIZE}; }}
-	set {SET_ALLOW6} {{ type ipv6_addr; flags timeout; size {SET_SIZE}; }}
-	set {SET_ALLOW4_PORT} {{ type ipv4_addr . inet_proto . inet_service; flags timeout; size {SET_SIZE}; }}
-	set {SET_ALLOW6_PORT} {{ type ipv6_addr . inet_proto . inet_service; flags timeout; size {SET_SIZE}; }}
-	counter {COUNTER_BLOCKED} {{ }}
-
+{sets}
 	# Every DNS packet of CMD's, whatever its destination, goes to the relay on loopback.
 	chain dns_redirect {{
 		type nat hook output priority -110; policy accept;
@@ -160,6 +139,7 @@ pub fn host_ruleset(r: &HostRules<'_>) -> String {
 }}
 "#,
         g = r.nflog_group,
+        sets = set_declarations(),
     )
 }
 

@@ -166,12 +166,7 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
     let _ = write!(
         s,
         r#"table inet {table} {{
-	set {SET_ALLOW4} {{ type ipv4_addr; flags timeout; size {SET_SIZE}; }}
-	set {SET_ALLOW6} {{ type ipv6_addr; flags timeout; size {SET_SIZE}; }}
-	set {SET_ALLOW4_PORT} {{ type ipv4_addr . inet_proto . inet_service; flags timeout; size {SET_SIZE}; }}
-	set {SET_ALLOW6_PORT} {{ type ipv6_addr . inet_proto . inet_service; flags timeout; size {SET_SIZE}; }}
-	counter {COUNTER_BLOCKED} {{ }}
-
+{sets}
 	# Every DNS packet of the sandbox, whatever its destination, goes to the relay.
 	chain dns_redirect {{
 		type nat hook prerouting priority dstnat - 10; policy accept;
@@ -243,6 +238,7 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
                 r.nflog_group
             )
         },
+        sets = set_declarations(),
         learn = if r.learn {
             format!(
                 "\t\t# Learning: every new flow is logged once, then let through.\n\
@@ -254,22 +250,7 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
             String::new()
         },
     );
-    for st in r.statics {
-        let family = match st.net {
-            IpNet::V4(_) => "ip",
-            IpNet::V6(_) => "ip6",
-        };
-        if st.ports.is_empty() {
-            let _ = writeln!(s, "\t\t{family} daddr {} accept", st.net);
-        }
-        for (proto, port) in &st.ports {
-            let _ = writeln!(
-                s,
-                "\t\t{family} daddr {} {proto} dport {port} accept",
-                st.net
-            );
-        }
-    }
+    s.push_str(&static_accepts(r.statics));
     let _ = write!(
         s,
         r#"		limit rate {LOG_RATE_PER_SECOND}/second burst {LOG_BURST} packets log group {g}
@@ -300,6 +281,40 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
         s4 = a.sandbox4,
         s6 = a.sandbox6,
     );
+    s
+}
+
+/// The dynamic allow sets the relay writes and the `blocked` counter: the same in a
+/// sandbox's table and in a host-mode run's.
+pub(crate) fn set_declarations() -> String {
+    format!(
+        "\tset {SET_ALLOW4} {{ type ipv4_addr; flags timeout; size {SET_SIZE}; }}\n\
+         \tset {SET_ALLOW6} {{ type ipv6_addr; flags timeout; size {SET_SIZE}; }}\n\
+         \tset {SET_ALLOW4_PORT} {{ type ipv4_addr . inet_proto . inet_service; flags timeout; size {SET_SIZE}; }}\n\
+         \tset {SET_ALLOW6_PORT} {{ type ipv6_addr . inet_proto . inet_service; flags timeout; size {SET_SIZE}; }}\n\
+         \tcounter {COUNTER_BLOCKED} {{ }}\n"
+    )
+}
+
+/// `accept` rules for the destinations the policy's CIDR rules allow.
+pub(crate) fn static_accepts(statics: &[StaticAllow]) -> String {
+    let mut s = String::new();
+    for st in statics {
+        let family = match st.net {
+            IpNet::V4(_) => "ip",
+            IpNet::V6(_) => "ip6",
+        };
+        if st.ports.is_empty() {
+            let _ = writeln!(s, "\t\t{family} daddr {} accept", st.net);
+        }
+        for (proto, port) in &st.ports {
+            let _ = writeln!(
+                s,
+                "\t\t{family} daddr {} {proto} dport {port} accept",
+                st.net
+            );
+        }
+    }
     s
 }
 
@@ -448,6 +463,25 @@ pub fn forward_guard_ruleset(confine4: bool, confine6: bool) -> String {
 mod tests {
     use super::*;
 
+    /// The rules of every test: relay ports 1001-1004, NFLOG group 4242, nothing else.
+    fn rules<'a>(id: &'a SandboxId, a: &'a Addressing) -> SandboxRules<'a> {
+        SandboxRules {
+            id,
+            addressing: a,
+            relay: RelayPorts {
+                udp4: 1001,
+                tcp4: 1002,
+                udp6: 1003,
+                tcp6: 1004,
+            },
+            statics: &[],
+            nflog_group: 4242,
+            learn: false,
+            publish: &[],
+            bridge: None,
+        }
+    }
+
     fn addressing() -> Addressing {
         Addressing {
             host4: "203.0.113.129".parse().unwrap(),
@@ -482,19 +516,8 @@ mod tests {
             },
         ];
         let text = sandbox_ruleset(&SandboxRules {
-            id: &id,
-            addressing: &a,
-            relay: RelayPorts {
-                udp4: 1001,
-                tcp4: 1002,
-                udp6: 1003,
-                tcp6: 1004,
-            },
             statics: &statics,
-            nflog_group: 4242,
-            learn: false,
-            publish: &[],
-            bridge: None,
+            ..rules(&id, &a)
         });
         assert!(!text.contains("ct mark"));
         assert!(text.starts_with("table inet portcullis_0a1b2c3d {"));
@@ -539,19 +562,8 @@ mod tests {
         let id = SandboxId::parse("0a1b2c3d").unwrap();
         let a = addressing();
         let text = sandbox_ruleset(&SandboxRules {
-            id: &id,
-            addressing: &a,
-            relay: RelayPorts {
-                udp4: 1001,
-                tcp4: 1002,
-                udp6: 1003,
-                tcp6: 1004,
-            },
-            statics: &[],
-            nflog_group: 4242,
             learn: true,
-            publish: &[],
-            bridge: None,
+            ..rules(&id, &a)
         });
         let egress =
             &text[text.find("chain egress").unwrap()..text.find("chain source_nat").unwrap()];
@@ -589,19 +601,8 @@ mod tests {
             },
         ];
         let text = sandbox_ruleset(&SandboxRules {
-            id: &id,
-            addressing: &a,
-            relay: RelayPorts {
-                udp4: 1001,
-                tcp4: 1002,
-                udp6: 1003,
-                tcp6: 1004,
-            },
-            statics: &[],
-            nflog_group: 4242,
-            learn: false,
             publish: &publish,
-            bridge: None,
+            ..rules(&id, &a)
         });
         let nat_in = &text
             [text.find("chain publish_in").unwrap()..text.find("chain publish_local").unwrap()];
@@ -657,19 +658,8 @@ mod tests {
             prefix6: 128,
         };
         let text = sandbox_ruleset(&SandboxRules {
-            id: &id,
-            addressing: &a,
-            relay: RelayPorts {
-                udp4: 1001,
-                tcp4: 1002,
-                udp6: 1003,
-                tcp6: 1004,
-            },
-            statics: &[],
-            nflog_group: 4242,
-            learn: false,
-            publish: &[],
             bridge: Some("pc-n01234567"),
+            ..rules(&id, &a)
         });
         // The sandbox's own link appears nowhere: its packets enter on the bridge.
         assert!(!text.contains("pc-0a1b2c3d-h"), "{text}");
@@ -704,21 +694,7 @@ mod tests {
     fn without_publish_nothing_enters() {
         let id = SandboxId::parse("0a1b2c3d").unwrap();
         let a = addressing();
-        let text = sandbox_ruleset(&SandboxRules {
-            id: &id,
-            addressing: &a,
-            relay: RelayPorts {
-                udp4: 1001,
-                tcp4: 1002,
-                udp6: 1003,
-                tcp6: 1004,
-            },
-            statics: &[],
-            nflog_group: 4242,
-            learn: false,
-            publish: &[],
-            bridge: None,
-        });
+        let text = sandbox_ruleset(&SandboxRules { ..rules(&id, &a) });
         assert!(!text.contains("publish_in") && !text.contains("ct status dnat"));
         assert!(!text.contains("127.0.0.0/8"));
         assert!(text.contains("chain host_output"));

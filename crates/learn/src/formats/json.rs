@@ -32,7 +32,7 @@ use portcullis_policy::Target;
 use serde::{Deserialize, Serialize};
 
 use super::render_target;
-use crate::writer::{SuggestedRule, Suggestion};
+use crate::writer::{Counts, SuggestedRule, Suggestion};
 
 /// The whole document.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,7 +40,7 @@ pub struct JsonDocument {
     pub version: u32,
     pub generated_by: String,
     pub sources: Vec<JsonSource>,
-    pub counts: JsonCounts,
+    pub counts: Counts,
     pub rules: Vec<JsonRule>,
     pub warnings: Vec<String>,
 }
@@ -50,16 +50,6 @@ pub struct JsonSource {
     pub source: String,
     pub started: String,
     pub command: Vec<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JsonCounts {
-    pub logs: u64,
-    pub queries: u64,
-    pub flows: u64,
-    pub flows_lost: u64,
-    pub names: u64,
-    pub direct_addresses: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,14 +130,7 @@ pub fn document(s: &Suggestion) -> JsonDocument {
                 command: src.command.clone(),
             })
             .collect(),
-        counts: JsonCounts {
-            logs: c.logs,
-            queries: c.queries,
-            flows: c.flows,
-            flows_lost: c.flows_lost,
-            names: c.names,
-            direct_addresses: c.direct_addresses,
-        },
+        counts: c.clone(),
         rules,
         warnings: s.warnings.clone(),
     }

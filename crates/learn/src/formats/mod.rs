@@ -16,9 +16,7 @@ use portcullis_policy::Target;
 
 use crate::writer::{SuggestedRule, Suggestion};
 
-pub use json::{
-    JsonCounts, JsonDocument, JsonProvenance, JsonRule, JsonSource, document as json_document,
-};
+pub use json::{JsonDocument, JsonProvenance, JsonRule, JsonSource, document as json_document};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
