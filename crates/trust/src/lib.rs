@@ -22,7 +22,7 @@ pub use fingerprint::{fingerprint, parse_fingerprint};
 pub use identity::{CertKey, load_or_create_client, load_or_create_server};
 pub use remotes::{Remote, Remotes};
 pub use role::Role;
-pub use store::{Entry, Identity, IdentitySource, Refusal, Revoked, TrustStore};
+pub use store::{Entry, Identity, IdentitySource, PendingToken, Refusal, Revoked, TrustStore};
 pub use tls::{
     PinMismatch, client_config, fetch_server_fingerprint, peer_certificate, peer_fingerprint,
     pin_mismatch, server_config,

@@ -33,10 +33,14 @@ struct World {
 }
 
 async fn world() -> World {
+    world_on("127.0.0.1:0").await
+}
+
+async fn world_on(bind: &str) -> World {
     let dir = tempfile::tempdir().unwrap();
     let server = portcullis_trust::load_or_create_server(dir.path(), &[]).unwrap();
     let store = Arc::new(TrustStore::open(&dir.path().join("state.db")).unwrap());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind(bind).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&server).unwrap());
     let (tx, refusals) = mpsc::unbounded_channel();
@@ -346,6 +350,30 @@ async fn fetch_fingerprint_without_trust() {
         .unwrap_err()
         .to_string();
     assert!(e.starts_with(&format!("connect to {addr}: ")), "{e}");
+}
+
+#[tokio::test]
+async fn ipv6_loopback() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback here");
+        return;
+    }
+    let w = world_on("[::1]:0").await;
+    assert_eq!(
+        fetch_server_fingerprint(&w.addr.to_string()).await.unwrap(),
+        w.server.fingerprint()
+    );
+    let alice = client("alice");
+    w.store
+        .add(alice.cert_der(), "alice", Role::Auditor)
+        .unwrap();
+    let mut tls = connect(
+        w.addr,
+        client_config(&alice, w.server.fingerprint()).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ask(&mut tls, "whoami").await.unwrap(), "alice auditor");
 }
 
 fn openssl() -> std::process::Command {
