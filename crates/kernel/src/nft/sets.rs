@@ -5,6 +5,9 @@
 //! and the caller waits for the kernel's acknowledgement of every message before the answer
 //! is released. The batch is one transaction: either every element is in, or none is.
 //!
+//! Removing elements (a policy swap's revocation) is one batch too; a missing element
+//! (expired meanwhile) aborts it, and it is resent without the missing ones.
+//!
 //! Kernel behaviour this relies on (see shared/DEPENDENCIES.md): re-adding an element that
 //! exists (no NLM_F_EXCL) replaces its timeout, even with a shorter one. Callers therefore only
 //! ever write a timeout longer than what is live (the relay keeps the expiry map).
@@ -460,9 +463,11 @@ impl SetWriter for NetlinkSetWriter {
     }
 
     /// One transaction when every key is present. An element that expired (or was never
-    /// added) makes the kernel answer ENOENT for its message and abort the whole batch; the
-    /// batch is then sent again without the keys it named, so a revocation of ~100 keys costs
-    /// one or two transactions instead of one per key.
+    /// added) makes the kernel answer ENOENT for its message and abort the whole batch (the
+    /// kernel names every missing key at once); the batch is then sent again without them.
+    /// Measured for 100 keys (kernel 6.18, `tests/revoke.rs`): all present 0.4 ms; one
+    /// missing 6 to 16 ms, nearly all of it the kernel's abort of the first batch, which a
+    /// batch per key does not avoid (each missing key then costs an abort of its own).
     fn remove(&self, table: &str, keys: &[ElementKey]) -> Result<()> {
         let mut keys: Vec<ElementKey> = keys.to_vec();
         // Each round drops at least one key, or ends.
