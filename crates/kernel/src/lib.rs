@@ -7,6 +7,7 @@
 
 pub mod addrpool;
 pub mod cgroup;
+pub mod conntrack;
 pub mod link;
 pub mod names;
 pub mod netns;

@@ -48,7 +48,7 @@ use crate::matcher::PatternSet;
 use crate::name::DomainName;
 use crate::pattern::{DomainPattern, PatternError};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,

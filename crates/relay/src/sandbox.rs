@@ -3,17 +3,21 @@
 //!
 //! The relay is built for many sandboxes: a `SandboxCtx` per sandbox, one `RelayConfig` and
 //! one `SetWriter` shared by all.
+//!
+//! The policy can be swapped while the sandbox runs (`set_policy`): every query decides with
+//! one snapshot of it, and the elements that only the old policy allowed are revoked. For
+//! that, the expiry map also remembers which names opened each element.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, ResponseCode};
 use portcullis_kernel::nft::sets::{Element, ElementKey, SetWriter};
 use portcullis_policy::{Access, Decision, DomainName, Policy};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::answer::{self, Rejection};
 use crate::cache::AnswerCache;
@@ -105,6 +109,65 @@ pub trait QueryObserver: Send + Sync + std::fmt::Debug {
     fn observed(&self, q: Observed);
 }
 
+/// Names remembered per element: enough to explain and re-check a shared (CDN) address, and
+/// bounded, so that a job asking endless names of one address cannot grow the map.
+pub const MAX_NAMES_PER_ELEMENT: usize = 8;
+
+/// The policy with its generation, read together by every query.
+#[derive(Debug)]
+struct Versioned {
+    policy: Arc<Policy>,
+    generation: u64,
+}
+
+/// One live element: when it expires, and which names' answers opened it.
+#[derive(Debug, Clone)]
+struct Live {
+    until: Instant,
+    names: Vec<Arc<DomainName>>,
+    /// More names opened it than `names` holds: a revocation cannot tell whether a name it
+    /// does not know still grants it, so it keeps the element only if a known name does.
+    unknown_names: bool,
+}
+
+impl Live {
+    fn note_name(&mut self, name: &Arc<DomainName>) {
+        if self.names.iter().any(|n| **n == **name) {
+            return;
+        }
+        if self.names.len() < MAX_NAMES_PER_ELEMENT {
+            self.names.push(name.clone());
+        } else {
+            self.unknown_names = true;
+        }
+    }
+}
+
+/// What a policy swap took away.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Revoked {
+    /// Elements removed from the kernel sets: no name that opened them is still granted them.
+    pub keys: Vec<ElementKey>,
+    /// Elements added in their place, for the same remaining time: an address that a name may
+    /// now reach on given ports only loses its every-port element and gets one per port, so
+    /// that the swap does not cut what the new policy still allows. Flows matching these keys
+    /// must be spared when the revoked ones are cut (`conntrack::delete_flows`).
+    pub narrowed: Vec<ElementKey>,
+}
+
+/// One live element, as the daemon keeps it across a restart (JSON in its store).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedElement {
+    pub key: ElementKey,
+    /// Time left before it expires, in milliseconds.
+    pub remaining_ms: u64,
+    /// The names whose answers opened it (at most `MAX_NAMES_PER_ELEMENT`).
+    pub names: Vec<DomainName>,
+    /// More names opened it than `names` lists.
+    #[serde(default)]
+    pub unknown_names: bool,
+}
+
 /// One sandbox, as the relay serves it.
 #[derive(Debug)]
 pub struct SandboxCtx {
@@ -112,9 +175,9 @@ pub struct SandboxCtx {
     pub table: String,
     /// Source addresses the sandbox may query from.
     pub peers: Vec<IpAddr>,
-    policy: Arc<Policy>,
+    policy: RwLock<Versioned>,
     writer: Arc<dyn SetWriter>,
-    expiry: Mutex<HashMap<ElementKey, Instant>>,
+    expiry: Mutex<HashMap<ElementKey, Live>>,
     inserts: AtomicU64,
     report: Mutex<DnsReport>,
     cache: Arc<AnswerCache>,
@@ -152,7 +215,10 @@ impl SandboxCtx {
         SandboxCtx {
             table,
             peers,
-            policy,
+            policy: RwLock::new(Versioned {
+                policy,
+                generation: 0,
+            }),
             writer,
             expiry: Mutex::new(HashMap::new()),
             inserts: AtomicU64::new(0),
@@ -192,9 +258,21 @@ impl SandboxCtx {
         self
     }
 
+    /// The policy queries are decided with now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.versioned().0
+    }
+
+    /// The policy and its generation, read together.
+    fn versioned(&self) -> (Arc<Policy>, u64) {
+        // A poisoned lock still holds a whole `Versioned`: the writer only assigns it.
+        let v = self.policy.read().unwrap_or_else(|e| e.into_inner());
+        (v.policy.clone(), v.generation)
+    }
+
     /// Whether a CIDR rule of the policy allows `ip` explicitly.
-    fn cidr_allows(&self, ip: &IpAddr) -> bool {
-        self.policy
+    fn cidr_allows(policy: &Policy, ip: &IpAddr) -> bool {
+        policy
             .cidr_rules()
             .any(|r| matches!(&r.target, portcullis_policy::Target::Cidr(net) if net.contains(ip)))
     }
@@ -225,17 +303,22 @@ impl SandboxCtx {
         };
         let id = q.message.metadata.id;
         let name = shown(&q.name);
-        let access = if self.observer.is_some() {
-            Access {
+        // One snapshot of the policy for the whole query; a swap meanwhile is caught by its
+        // generation when the elements are written (`open`).
+        let (policy, generation) = self.versioned();
+        let (access, domain) = if self.observer.is_some() {
+            let any = Access {
                 any_port: true,
                 ports: Default::default(),
-            }
+            };
+            (any, None)
         } else {
-            let decision =
-                DomainName::from_wire_labels(q.name.iter()).map(|n| self.policy.decide(&n));
-            match decision {
-                Ok(Decision::Allow(a)) => a,
-                _ => return Some(self.deny(cfg, &q, id, name)),
+            match DomainName::from_wire_labels(q.name.iter()) {
+                Ok(n) => match policy.decide(&n) {
+                    Decision::Allow(a) => (a, Some(n)),
+                    Decision::Deny { .. } => return Some(self.deny(cfg, &q, id, name)),
+                },
+                Err(_) => return Some(self.deny(cfg, &q, id, name)),
             }
         };
         // A cached answer saves the upstream round trip (and any parsing: it is patched in
@@ -274,7 +357,7 @@ impl SandboxCtx {
         // A chain through an explicitly denied name opens nothing: deny wins everywhere.
         for link in &bound.chain {
             if DomainName::from_wire_labels(link.iter())
-                .is_ok_and(|n| self.policy.is_denied_explicitly(&n))
+                .is_ok_and(|n| policy.is_denied_explicitly(&n))
             {
                 tracing::info!(target: "portcullis::dns", name = %name, via = %shown(link), "denied: CNAME into a denied name");
                 return Some(self.deny(cfg, &q, id, name));
@@ -285,7 +368,7 @@ impl SandboxCtx {
         let (refused, addrs): (Vec<_>, Vec<_>) = bound
             .addrs
             .iter()
-            .partition(|(ip, _)| answer::never_by_name(ip) && !self.cidr_allows(ip));
+            .partition(|(ip, _)| answer::never_by_name(ip) && !Self::cidr_allows(&policy, ip));
         let wire = if refused.is_empty() {
             wire
         } else {
@@ -315,7 +398,15 @@ impl SandboxCtx {
             self.observe(&name, &q, rcode_name(&wire), &bound);
             return Some(wire);
         }
-        if let Err(e) = self.open(cfg, &access, &bound.addrs) {
+        let Some(domain) = domain else {
+            return Some(wire);
+        };
+        let opener = Opener {
+            name: &domain,
+            access: &access,
+            generation,
+        };
+        if let Err(e) = self.open(cfg, &opener, &bound.addrs) {
             tracing::error!(target: "portcullis::dns", name = %name, error = %e, "set insertion failed: SERVFAIL");
             self.note(|r| DnsReport::count(&mut r.failed, &mut r.unlisted, name));
             return Some(answer::error_reply(id, Some(&q), ResponseCode::ServFail));
@@ -343,36 +434,33 @@ impl SandboxCtx {
     }
 
     /// Puts the addresses into the sets (those not already live for longer), waiting for
-    /// the kernel's acknowledgement.
+    /// the kernel's acknowledgement, and remembers which name opened them.
     fn open(
         &self,
         cfg: &RelayConfig,
-        access: &Access,
+        o: &Opener<'_>,
         addrs: &[(IpAddr, u32)],
     ) -> portcullis_kernel::Result<()> {
         if addrs.is_empty() {
             return Ok(());
         }
         let now = Instant::now();
+        let name = Arc::new(o.name.clone());
         let mut elements = Vec::new();
         {
-            let expiry = self
-                .expiry
-                .lock()
-                .map_err(|_| portcullis_kernel::Error::Other("expiry map poisoned".into()))?;
+            let mut expiry = self.expiry()?;
             for (addr, ttl) in addrs {
                 let secs = (*ttl).clamp(cfg.min_ttl, cfg.max_ttl.max(cfg.min_ttl));
                 let timeout = Duration::from_secs(u64::from(secs)) + GRACE;
-                let keys = access_keys(access, *addr);
-                for key in keys {
+                for key in access_keys(o.access, *addr) {
                     // Re-adding an element replaces its timeout even with a shorter one, so
                     // only ever write a later expiry; and skip refreshes that extend it by no
                     // more than GRACE (a repeated answer asked a moment later): the element
                     // then still outlives the TTL the client was given.
-                    if expiry
-                        .get(&key)
-                        .is_some_and(|until| *until + GRACE >= now + timeout)
+                    if let Some(live) = expiry.get_mut(&key)
+                        && live.until + GRACE >= now + timeout
                     {
+                        live.note_name(&name);
                         continue;
                     }
                     elements.push(Element { key, timeout });
@@ -383,22 +471,315 @@ impl SandboxCtx {
             return Ok(());
         }
         self.writer.add(&self.table, &elements)?;
-        let mut expiry = self
-            .expiry
-            .lock()
-            .map_err(|_| portcullis_kernel::Error::Other("expiry map poisoned".into()))?;
+        let mut expiry = self.expiry()?;
+        let (policy, generation) = self.versioned();
+        if generation != o.generation {
+            // The policy changed while this answer was on its way: its revocation scan may
+            // have missed these elements (not in the map yet), or removed from the kernel a
+            // key just written. Keep what the current policy grants this name, written
+            // again; take back the rest; and release nothing (SERVFAIL: the client asks
+            // again and gets the new policy's answer).
+            return self.recheck(&mut expiry, &policy, &name, elements, now);
+        }
         for e in &elements {
-            let until = now + e.timeout;
-            let slot = expiry.entry(e.key).or_insert(until);
-            if *slot < until {
-                *slot = until;
-            }
+            record(&mut expiry, e.key, now + e.timeout, &name, now);
         }
         // Forget expired entries now and then, so the map stays as large as the live sets.
         if self.inserts.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
-            expiry.retain(|_, until| *until > now);
+            expiry.retain(|_, live| live.until > now);
         }
         Ok(())
+    }
+
+    /// `open`'s rare path: elements written under a policy that has since been swapped.
+    fn recheck(
+        &self,
+        expiry: &mut HashMap<ElementKey, Live>,
+        policy: &Policy,
+        name: &Arc<DomainName>,
+        elements: Vec<Element>,
+        now: Instant,
+    ) -> portcullis_kernel::Result<()> {
+        let granted = match policy.decide(name) {
+            Decision::Allow(a) => Some(a),
+            Decision::Deny { .. } => None,
+        };
+        let (keep, rest): (Vec<Element>, Vec<Element>) = elements
+            .into_iter()
+            .partition(|e| granted.as_ref().is_some_and(|a| covers(a, &e.key)));
+        // Another name's live element survived the scan (or came after it): it stays.
+        let stale: Vec<ElementKey> = rest
+            .iter()
+            .filter(|e| expiry.get(&e.key).is_none_or(|l| l.until <= now))
+            .map(|e| e.key)
+            .collect();
+        if !keep.is_empty() {
+            let keep: Vec<Element> = keep
+                .into_iter()
+                .map(|e| Element {
+                    key: e.key,
+                    timeout: e.timeout.max(
+                        expiry
+                            .get(&e.key)
+                            .map_or(Duration::ZERO, |l| l.until.saturating_duration_since(now)),
+                    ),
+                })
+                .collect();
+            self.writer.add(&self.table, &keep)?;
+            for e in &keep {
+                record(expiry, e.key, now + e.timeout, name, now);
+            }
+        }
+        if !stale.is_empty() {
+            self.writer.remove(&self.table, &stale)?;
+        }
+        if granted.is_some() && rest.is_empty() {
+            // Still granted all it wrote: the answer may go.
+            return Ok(());
+        }
+        Err(portcullis_kernel::Error::Other(format!(
+            "the policy changed while answering {name}: answer withheld, {} elements taken back",
+            stale.len()
+        )))
+    }
+
+    fn expiry(
+        &self,
+    ) -> portcullis_kernel::Result<std::sync::MutexGuard<'_, HashMap<ElementKey, Live>>> {
+        self.expiry
+            .lock()
+            .map_err(|_| portcullis_kernel::Error::Other("expiry map poisoned".into()))
+    }
+
+    /// Swaps the policy, then revokes every live element that no name which opened it is
+    /// still granted under the new policy: removed from the kernel sets and forgotten.
+    ///
+    /// The swap comes first, so a query arriving meanwhile already decides with the new
+    /// policy; a query decided under the old one that writes after the scan notices the
+    /// swap by its generation and takes back what it wrote (see `open`). The expiry map
+    /// stays locked during the kernel writes (a millisecond for a hundred keys): queries
+    /// that need to write wait for the revocation to finish.
+    ///
+    /// An element some of whose names are not remembered (more than
+    /// `MAX_NAMES_PER_ELEMENT`) is kept only if a remembered name still grants it: revoking
+    /// too much fails closed, and the next query opens it again.
+    ///
+    /// The caller then cuts the live flows: `conntrack::delete_flows(peers, &revoked.keys,
+    /// &revoked.narrowed)` in the sandbox's host namespace. On error the policy is swapped
+    /// but the elements not removed are still remembered: calling `set_policy` again with
+    /// `policy()` retries.
+    pub fn set_policy(&self, policy: Arc<Policy>) -> portcullis_kernel::Result<Revoked> {
+        {
+            let mut v = self.policy.write().unwrap_or_else(|e| e.into_inner());
+            v.policy = policy;
+            v.generation += 1;
+        }
+        if self.observer.is_some() {
+            // Learning: nothing is in the sets.
+            return Ok(Revoked::default());
+        }
+        let mut expiry = self.expiry()?;
+        // The policy now in force: when two swaps race, the later scan decides with the later
+        // policy, whichever call it belongs to.
+        let (policy, _) = self.versioned();
+        let now = Instant::now();
+        expiry.retain(|_, live| live.until > now);
+        let mut decisions: HashMap<Arc<DomainName>, Option<Access>> = HashMap::new();
+        let mut access_of = |n: &Arc<DomainName>| -> Option<Access> {
+            decisions
+                .entry(n.clone())
+                .or_insert_with(|| match policy.decide(n) {
+                    Decision::Allow(a) => Some(a),
+                    Decision::Deny { .. } => None,
+                })
+                .clone()
+        };
+        let mut revoked = Vec::new();
+        // Narrowed keys: (key, until, name).
+        let mut narrowed: Vec<(ElementKey, Instant, Arc<DomainName>)> = Vec::new();
+        for (key, live) in expiry.iter() {
+            let mut kept = false;
+            let mut ports = Vec::new();
+            for n in &live.names {
+                match access_of(n) {
+                    Some(a) if covers(&a, key) => {
+                        kept = true;
+                        break;
+                    }
+                    Some(a) => ports.push((a, n)),
+                    None => {}
+                }
+            }
+            if kept {
+                continue;
+            }
+            revoked.push(*key);
+            if let ElementKey::Addr(addr) = key {
+                for (a, n) in ports {
+                    for (proto, port) in &a.ports {
+                        narrowed.push((
+                            ElementKey::AddrPort(*addr, *proto, *port),
+                            live.until,
+                            n.clone(),
+                        ));
+                    }
+                }
+            }
+        }
+        // A port key that one name lost but another now gets by narrowing stays.
+        revoked.retain(|k| !narrowed.iter().any(|(n, ..)| n == k));
+        if revoked.is_empty() {
+            return Ok(Revoked::default());
+        }
+        // The narrower elements go in before the wide one goes, so that what stays allowed
+        // never blinks. Failing here only loses them until the next query: go on revoking.
+        let mut narrowed_keys: Vec<ElementKey> = Vec::new();
+        let additions: Vec<Element> = {
+            let mut longest: HashMap<ElementKey, Instant> = HashMap::new();
+            for (k, until, _) in &narrowed {
+                if expiry.get(k).is_some_and(|l| l.until >= *until) {
+                    continue;
+                }
+                let slot = longest.entry(*k).or_insert(*until);
+                *slot = (*slot).max(*until);
+            }
+            longest
+                .into_iter()
+                .map(|(key, until)| Element {
+                    key,
+                    timeout: until.saturating_duration_since(now),
+                })
+                .collect()
+        };
+        let narrowing_ok = match self.writer.add(&self.table, &additions) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(target: "portcullis::dns", table = %self.table, error = %e, "policy swap: could not add the narrowed elements");
+                false
+            }
+        };
+        self.writer.remove(&self.table, &revoked)?;
+        for k in &revoked {
+            expiry.remove(k);
+        }
+        if narrowing_ok {
+            for (k, until, n) in &narrowed {
+                record(&mut expiry, *k, *until, n, now);
+                if !narrowed_keys.contains(k) {
+                    narrowed_keys.push(*k);
+                }
+            }
+        }
+        revoked.sort_unstable();
+        narrowed_keys.sort_unstable();
+        Ok(Revoked {
+            keys: revoked,
+            narrowed: narrowed_keys,
+        })
+    }
+
+    /// The live elements, for the daemon to keep across a restart.
+    pub fn snapshot(&self) -> Vec<SavedElement> {
+        let now = Instant::now();
+        let Ok(expiry) = self.expiry() else {
+            return Vec::new();
+        };
+        let mut saved: Vec<SavedElement> = expiry
+            .iter()
+            .filter(|(_, live)| live.until > now)
+            .map(|(key, live)| SavedElement {
+                key: *key,
+                remaining_ms: u64::try_from(live.until.duration_since(now).as_millis())
+                    .unwrap_or(u64::MAX),
+                names: live.names.iter().map(|n| (**n).clone()).collect(),
+                unknown_names: live.unknown_names,
+            })
+            .collect();
+        saved.sort_by_key(|a| a.key);
+        saved
+    }
+
+    /// Refills the expiry map from a `snapshot` (after a restart of the daemon); expired
+    /// elements are skipped. With `write_to_kernel`, the elements are also written to the
+    /// sets with their remaining time (the sets were recreated); without, the sets are
+    /// assumed to still hold them. If the policy may have changed meanwhile, call
+    /// `set_policy` afterwards.
+    pub fn restore(
+        &self,
+        saved: Vec<SavedElement>,
+        write_to_kernel: bool,
+    ) -> portcullis_kernel::Result<()> {
+        let now = Instant::now();
+        let saved: Vec<SavedElement> = saved.into_iter().filter(|s| s.remaining_ms > 0).collect();
+        let mut expiry = self.expiry()?;
+        if write_to_kernel {
+            let elements: Vec<Element> = saved
+                .iter()
+                .map(|s| Element {
+                    key: s.key,
+                    timeout: Duration::from_millis(s.remaining_ms),
+                })
+                .collect();
+            if !elements.is_empty() {
+                self.writer.add(&self.table, &elements)?;
+            }
+        }
+        for s in saved {
+            let until = now + Duration::from_millis(s.remaining_ms);
+            let live = expiry.entry(s.key).or_insert_with(|| Live {
+                until,
+                names: Vec::new(),
+                unknown_names: false,
+            });
+            live.until = live.until.max(until);
+            live.unknown_names |= s.unknown_names;
+            for n in s.names {
+                live.note_name(&Arc::new(n));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Who asks `open` to write: the queried name, its access, and the generation of the policy
+/// that decided it.
+#[derive(Debug)]
+struct Opener<'a> {
+    name: &'a DomainName,
+    access: &'a Access,
+    generation: u64,
+}
+
+/// Notes in the map that `name` opened `key` until `until` (never shortening it). An expired
+/// entry starts afresh: the names that opened it before no longer count.
+fn record(
+    expiry: &mut HashMap<ElementKey, Live>,
+    key: ElementKey,
+    until: Instant,
+    name: &Arc<DomainName>,
+    now: Instant,
+) {
+    let live = expiry.entry(key).or_insert_with(|| Live {
+        until,
+        names: Vec::new(),
+        unknown_names: false,
+    });
+    if live.until <= now {
+        live.names.clear();
+        live.unknown_names = false;
+    }
+    live.until = live.until.max(until);
+    live.note_name(name);
+}
+
+/// Whether `access` lets the sandbox use what `key` opens. An address-port key is covered by
+/// every-port access too (it then allows less than the name may use, never more).
+fn covers(access: &Access, key: &ElementKey) -> bool {
+    match key {
+        ElementKey::Addr(_) => access.any_port,
+        ElementKey::AddrPort(_, proto, port) => {
+            access.any_port || access.ports.contains(&(*proto, *port))
+        }
     }
 }
 
@@ -433,7 +814,20 @@ mod tests {
     #[derive(Debug, Default)]
     struct Recorder {
         batches: Mutex<Vec<Vec<Element>>>,
+        removals: Mutex<Vec<Vec<ElementKey>>>,
         fail: AtomicBool,
+        /// Runs inside the next `add`, before it returns (the in-flight race).
+        during_add: Mutex<Option<Hook>>,
+        /// What the sets hold, as far as the recorder saw.
+        live: Mutex<BTreeSet<ElementKey>>,
+    }
+
+    struct Hook(Box<dyn FnOnce() + Send>);
+
+    impl std::fmt::Debug for Hook {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Hook")
+        }
     }
 
     impl SetWriter for Recorder {
@@ -442,7 +836,30 @@ mod tests {
                 return Err(portcullis_kernel::Error::Other("set is full".into()));
             }
             self.batches.lock().unwrap().push(elements.to_vec());
+            self.live
+                .lock()
+                .unwrap()
+                .extend(elements.iter().map(|e| e.key));
+            let hook = self.during_add.lock().unwrap().take();
+            if let Some(Hook(hook)) = hook {
+                hook();
+            }
             Ok(())
+        }
+
+        fn remove(&self, _table: &str, keys: &[ElementKey]) -> portcullis_kernel::Result<()> {
+            self.removals.lock().unwrap().push(keys.to_vec());
+            let mut live = self.live.lock().unwrap();
+            for k in keys {
+                live.remove(k);
+            }
+            Ok(())
+        }
+    }
+
+    impl Recorder {
+        fn live(&self) -> BTreeSet<ElementKey> {
+            self.live.lock().unwrap().clone()
         }
     }
 
@@ -545,8 +962,14 @@ mod tests {
             ports: Default::default(),
         };
         let addr: IpAddr = "198.51.100.7".parse().unwrap();
+        let name = DomainName::parse("ok.test").unwrap();
+        let o = Opener {
+            name: &name,
+            access: &any,
+            generation: 0,
+        };
         for ttl in [100, 10, 100, 500] {
-            s.ctx.open(&s.cfg, &any, &[(addr, ttl)]).unwrap();
+            s.ctx.open(&s.cfg, &o, &[(addr, ttl)]).unwrap();
         }
         let batches = s.writer.batches.lock().unwrap().clone();
         let timeouts: Vec<u64> = batches.iter().map(|b| b[0].timeout.as_secs()).collect();
@@ -699,5 +1122,245 @@ mod tests {
         };
         let reply = ctx.handle(&cfg, &query("ok.test."), false).await.unwrap();
         assert_eq!(rcode(&reply), ResponseCode::ServFail);
+    }
+
+    fn v4(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    impl Setup {
+        /// Asks `name` with the upstream answering `addr`.
+        async fn ask_answered(&self, name: &str, addr: &str) -> Vec<u8> {
+            *self.answer_with.lock().unwrap() = addr.parse().unwrap();
+            self.ask(name).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_swap_revokes_exactly_what_only_removed_rules_allowed() {
+        let s = setup(allow(&["a.test", "b.test", "c.test"])).await;
+        s.ask_answered("a.test.", "198.51.100.7").await;
+        s.ask_answered("b.test.", "198.51.100.8").await;
+        // c.test shares b.test's address (a CDN).
+        s.ask_answered("c.test.", "198.51.100.8").await;
+        let revoked = s.ctx.set_policy(Arc::new(allow(&["c.test"]))).unwrap();
+        assert_eq!(revoked.keys, vec![ElementKey::Addr(v4("198.51.100.7"))]);
+        assert!(revoked.narrowed.is_empty());
+        assert_eq!(
+            s.writer.live(),
+            BTreeSet::from([ElementKey::Addr(v4("198.51.100.8"))]),
+            "c.test still grants the shared address"
+        );
+        // The new policy decides new queries.
+        assert_eq!(
+            rcode(&s.ask_answered("a.test.", "198.51.100.7").await),
+            ResponseCode::NXDomain
+        );
+        assert!(matches!(
+            s.ctx.policy().decide(&DomainName::parse("c.test").unwrap()),
+            Decision::Allow(_)
+        ));
+        // Nothing left to revoke under the same policy; then the shared address goes too.
+        assert!(
+            s.ctx
+                .set_policy(Arc::new(allow(&["c.test"])))
+                .unwrap()
+                .keys
+                .is_empty()
+        );
+        let revoked = s.ctx.set_policy(Arc::new(allow(&["a.test"]))).unwrap();
+        assert_eq!(revoked.keys, vec![ElementKey::Addr(v4("198.51.100.8"))]);
+        assert!(s.writer.live().is_empty());
+        assert!(s.ctx.snapshot().is_empty(), "revoked keys are forgotten");
+    }
+
+    fn with_ports(name: &str, ports: &str) -> Policy {
+        Policy::from_toml_str(
+            &format!("[[allow]]\ndomain = \"{name}\"\nports = [{ports}]\nprotocols = [\"tcp\"]\n"),
+            "policy.toml",
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_swap_to_port_rules_keeps_the_ports_and_loses_the_address() {
+        let s = setup(allow(&["api.test"])).await;
+        s.ask_answered("api.test.", "198.51.100.7").await;
+        let addr = v4("198.51.100.7");
+        let tcp443 = ElementKey::AddrPort(addr, portcullis_policy::Protocol::Tcp, 443);
+        let revoked = s
+            .ctx
+            .set_policy(Arc::new(with_ports("api.test", "443")))
+            .unwrap();
+        assert_eq!(revoked.keys, vec![ElementKey::Addr(addr)]);
+        assert_eq!(revoked.narrowed, vec![tcp443]);
+        assert_eq!(s.writer.live(), BTreeSet::from([tcp443]));
+        // The port element lives as long as the address element had left, not longer.
+        let added = s.writer.batches.lock().unwrap().last().unwrap().clone();
+        assert_eq!(added[0].key, tcp443);
+        assert!(added[0].timeout <= Duration::from_secs(101));
+        // 443 and 80, then 443 only: the port-80 element goes, 443 stays.
+        let s = setup(with_ports("api.test", "443, 80")).await;
+        s.ask_answered("api.test.", "198.51.100.7").await;
+        let revoked = s
+            .ctx
+            .set_policy(Arc::new(with_ports("api.test", "443")))
+            .unwrap();
+        assert_eq!(
+            revoked.keys,
+            vec![ElementKey::AddrPort(
+                addr,
+                portcullis_policy::Protocol::Tcp,
+                80
+            )]
+        );
+        assert_eq!(s.writer.live(), BTreeSet::from([tcp443]));
+        // Every port again: the port element is covered, nothing is revoked.
+        let revoked = s.ctx.set_policy(Arc::new(allow(&["api.test"]))).unwrap();
+        assert!(revoked.keys.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_address_with_more_names_than_remembered_is_revoked_unless_a_known_one_grants_it() {
+        let names: Vec<String> = (0..=MAX_NAMES_PER_ELEMENT)
+            .map(|i| format!("n{i}.test"))
+            .collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let s = setup(allow(&refs)).await;
+        for n in &names {
+            s.ask_answered(&format!("{n}."), "198.51.100.7").await;
+        }
+        let saved = s.ctx.snapshot();
+        assert_eq!(saved[0].names.len(), MAX_NAMES_PER_ELEMENT);
+        assert!(saved[0].unknown_names);
+        // A remembered name still grants it: kept.
+        assert!(
+            s.ctx
+                .set_policy(Arc::new(allow(&["n0.test"])))
+                .unwrap()
+                .keys
+                .is_empty()
+        );
+        // Only the forgotten ninth name grants it: revoked (fail-closed; its next query
+        // opens it again).
+        let last = names.last().unwrap().as_str();
+        let revoked = s.ctx.set_policy(Arc::new(allow(&[last]))).unwrap();
+        assert_eq!(revoked.keys, vec![ElementKey::Addr(v4("198.51.100.7"))]);
+        s.ask_answered(&format!("{last}."), "198.51.100.7").await;
+        assert_eq!(
+            s.writer.live(),
+            BTreeSet::from([ElementKey::Addr(v4("198.51.100.7"))])
+        );
+    }
+
+    /// A context whose writer runs `swap` in the middle of the next `add`: a query decided
+    /// under the old policy writes its element after the swap's revocation scan.
+    async fn racing(policy: Policy, swap_to: Policy) -> (Arc<SandboxCtx>, Setup) {
+        let s = setup(policy).await;
+        let ctx = Arc::new(SandboxCtx::new(
+            "portcullis_0a1b2c3d".into(),
+            vec![],
+            s.ctx.policy(),
+            s.writer.clone(),
+        ));
+        let swapping = ctx.clone();
+        let swap_to = Arc::new(swap_to);
+        *s.writer.during_add.lock().unwrap() = Some(Hook(Box::new(move || {
+            let revoked = swapping.set_policy(swap_to).unwrap();
+            assert!(
+                revoked.keys.is_empty(),
+                "the element was not in the map yet"
+            );
+        })));
+        (ctx, s)
+    }
+
+    #[tokio::test]
+    async fn an_answer_in_flight_during_a_swap_takes_back_what_the_new_policy_denies() {
+        let (ctx, s) = racing(allow(&["a.test"]), allow(&["b.test"])).await;
+        let reply = ctx.handle(&s.cfg, &query("a.test."), false).await.unwrap();
+        let m = Message::from_vec(&reply).unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        assert!(m.answers.is_empty(), "no address released");
+        assert!(s.writer.live().is_empty(), "the element was taken back");
+        assert!(ctx.snapshot().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_answer_in_flight_during_a_swap_that_still_allows_it_goes_out() {
+        let (ctx, s) = racing(allow(&["a.test"]), allow(&["a.test", "b.test"])).await;
+        let reply = ctx.handle(&s.cfg, &query("a.test."), false).await.unwrap();
+        assert_eq!(rcode(&reply), ResponseCode::NoError);
+        let key = ElementKey::Addr(v4("198.51.100.7"));
+        assert_eq!(s.writer.live(), BTreeSet::from([key]));
+        // Remembered with its name: the next swap that drops a.test revokes it.
+        assert_eq!(
+            ctx.snapshot()[0].names,
+            vec![DomainName::parse("a.test").unwrap()]
+        );
+        let revoked = ctx.set_policy(Arc::new(allow(&["b.test"]))).unwrap();
+        assert_eq!(revoked.keys, vec![key]);
+    }
+
+    #[tokio::test]
+    async fn snapshot_and_restore_round_trip() {
+        let s = setup(allow(&["a.test", "b.test", "c.test"])).await;
+        s.ask_answered("a.test.", "198.51.100.7").await;
+        s.ask_answered("b.test.", "198.51.100.7").await;
+        s.ask_answered("c.test.", "198.51.100.8").await;
+        let saved = s.ctx.snapshot();
+        assert_eq!(saved.len(), 2);
+        let json = serde_json::to_string(&saved).unwrap();
+        let mut back: Vec<SavedElement> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+        // An element that expired while the daemon was down is skipped.
+        back.push(SavedElement {
+            key: ElementKey::Addr(v4("198.51.100.9")),
+            remaining_ms: 0,
+            names: vec![DomainName::parse("a.test").unwrap()],
+            unknown_names: false,
+        });
+
+        let writer = Arc::new(Recorder::default());
+        let ctx = SandboxCtx::new(
+            "portcullis_0a1b2c3d".into(),
+            vec![],
+            Arc::new(allow(&["a.test", "b.test", "c.test"])),
+            writer.clone(),
+        );
+        ctx.restore(back.clone(), false).unwrap();
+        assert!(writer.batches.lock().unwrap().is_empty(), "nothing written");
+        let again = SandboxCtx::new(
+            "portcullis_0a1b2c3d".into(),
+            vec![],
+            Arc::new(allow(&["a.test", "b.test", "c.test"])),
+            writer.clone(),
+        );
+        again.restore(back, true).unwrap();
+        let written = writer.batches.lock().unwrap()[0].clone();
+        assert_eq!(written.len(), 2);
+        for e in &written {
+            assert!(e.timeout <= Duration::from_secs(101) && e.timeout > Duration::from_secs(90));
+        }
+        let restored = ctx.snapshot();
+        assert_eq!(
+            restored
+                .iter()
+                .map(|e| (e.key, e.names.clone()))
+                .collect::<Vec<_>>(),
+            saved
+                .iter()
+                .map(|e| (e.key, e.names.clone()))
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            restored
+                .iter()
+                .zip(&saved)
+                .all(|(r, s)| r.remaining_ms <= s.remaining_ms)
+        );
+        // The names came back: dropping c.test revokes the address only it opened.
+        let revoked = ctx.set_policy(Arc::new(allow(&["a.test"]))).unwrap();
+        assert_eq!(revoked.keys, vec![ElementKey::Addr(v4("198.51.100.8"))]);
     }
 }
