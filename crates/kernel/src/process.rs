@@ -71,7 +71,23 @@ pub struct InitSpec {
     /// and PID namespaces are new. CMD's traffic is told apart by its cgroup or user instead.
     #[serde(default)]
     pub host_network: bool,
+    /// A daemon's sandbox keeper (`serve`): its namespaces outlive Portcullis. No PDEATHSIG,
+    /// no CMD: PID 1 waits and reaps until it is told to stop (SIGTERM) or killed.
+    #[serde(default)]
+    pub keep: bool,
+    /// `sandbox exec`: join the network, mount and PID namespaces of the keeper with this pid
+    /// instead of creating new ones; CMD outlives this helper (it then belongs to the
+    /// keeper's PID 1).
+    #[serde(default)]
+    pub join: Option<u32>,
+    /// Make the terminal on CMD's stdin its controlling terminal, in a new session.
+    #[serde(default)]
+    pub tty: bool,
 }
+
+/// The descriptor a keeper holds for the life of its sandbox: the sandbox's lease (see
+/// `state::Lease`), so the sandbox counts as alive while the keeper lives, whoever started it.
+pub const KEEPER_LEASE_FD: i32 = 5;
 
 /// The helper process while the parent wires its namespace.
 #[derive(Debug)]
@@ -127,6 +143,17 @@ fn wait_in(set: &SigSet) -> Result<(Signal, bool)> {
 impl Helper {
     /// Starts `exe __sandbox-init SPEC` with the ready/go pipes on fds 3 and 4.
     pub fn spawn(exe: &Path, spec: &InitSpec) -> Result<Helper> {
+        Self::spawn_with(exe, spec, None, |_| {})
+    }
+
+    /// `spawn`, with `lease` handed to a keeper on `KEEPER_LEASE_FD`, and `configure` applied
+    /// to the command (its stdio, for `exec`).
+    pub fn spawn_with(
+        exe: &Path,
+        spec: &InitSpec,
+        lease: Option<i32>,
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<Helper> {
         let json = serde_json::to_string(spec)
             .map_err(|e| Error::Other(format!("encode init spec: {e}")))?;
         let (ready_r, ready_w) =
@@ -136,12 +163,23 @@ impl Helper {
         let (rw, gr) = (ready_w.as_raw_fd(), go_r.as_raw_fd());
         let mut cmd = Command::new(exe);
         cmd.arg("__sandbox-init").arg(json);
-        // SAFETY: only async-signal-safe syscalls (prctl, dup2) run between fork and exec.
+        configure(&mut cmd);
+        let keep = spec.keep;
+        // SAFETY: only async-signal-safe syscalls (prctl, dup2, setsid) run between fork and
+        // exec.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
-                    || libc::dup2(rw, 3) < 0
-                    || libc::dup2(gr, 4) < 0
+                // A keeper outlives Portcullis, in a session of its own (no terminal's ^C).
+                if keep {
+                    libc::setsid();
+                } else if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::dup2(rw, 3) < 0 || libc::dup2(gr, 4) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = lease
+                    && libc::dup2(fd, KEEPER_LEASE_FD) < 0
                 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -184,6 +222,21 @@ impl Helper {
             .ok_or_else(|| Error::Other("sandbox already started".into()))?;
         go.write_all(b"g")
             .map_err(|e| Error::io("start sandboxed command", e))
+    }
+
+    /// Lets a keeper go on without this handle: it is neither killed nor waited for when the
+    /// handle drops. Returns its pid.
+    pub fn release(self) -> u32 {
+        let me = std::mem::ManuallyDrop::new(self);
+        let pid = me.child.id();
+        // SAFETY: each field is moved out exactly once and `me` is never used or dropped
+        // again; dropping a `Child` neither kills nor waits for it.
+        unsafe {
+            drop(std::ptr::read(&me.ready));
+            drop(std::ptr::read(&me.go));
+            drop(std::ptr::read(&me.child));
+        }
+        pid
     }
 
     /// Waits for the helper (and so CMD) to end; returns CMD's exit code.
@@ -243,6 +296,9 @@ pub fn init_main(spec_json: &str) -> ! {
     let all = forwarded_set(true);
     if sigprocmask(SigmaskHow::SIG_BLOCK, Some(&all), None).is_err() {
         die("cannot block signals", EXIT_SETUP_FAILED);
+    }
+    if let Some(keeper) = spec.join {
+        join_main(&spec, keeper, ready, go, &all);
     }
     let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID;
     if !spec.host_network {
@@ -306,6 +362,86 @@ fn setup_mounts(resolv: &Path) -> std::result::Result<(), String> {
     .map_err(|e| format!("make {} read-only: {e}", target.display()))
 }
 
+/// `sandbox exec`: enters the keeper's namespaces, then runs CMD as `init_main` would.
+fn join_main(spec: &InitSpec, keeper: u32, mut ready: File, mut go: File, all: &SigSet) -> ! {
+    use nix::sched::setns;
+    // Every namespace file is opened before the first setns: entering the mount namespace
+    // changes what /proc shows.
+    let open = |what: &str| {
+        File::open(format!("/proc/{keeper}/ns/{what}")).unwrap_or_else(|e| {
+            die(
+                &format!("sandbox keeper {keeper} is gone ({what}: {e})"),
+                EXIT_SETUP_FAILED,
+            )
+        })
+    };
+    let (net, mnt, pid) = (open("net"), open("mnt"), open("pid_for_children"));
+    for (file, flag, what) in [
+        (&net, CloneFlags::CLONE_NEWNET, "network"),
+        (&mnt, CloneFlags::CLONE_NEWNS, "mount"),
+        (&pid, CloneFlags::CLONE_NEWPID, "PID"),
+    ] {
+        if let Err(e) = setns(file, flag) {
+            die(
+                &format!("enter the sandbox's {what} namespace: {e}"),
+                EXIT_SETUP_FAILED,
+            );
+        }
+    }
+    drop((net, mnt, pid));
+    let _ = std::env::set_current_dir("/");
+    if ready.write_all(b"r").is_err() {
+        die("parent went away", EXIT_SETUP_FAILED);
+    }
+    drop(ready);
+    let mut b = [0u8; 1];
+    if !matches!(go.read(&mut b), Ok(1) if b[0] == b'g') {
+        // SAFETY: see die().
+        unsafe { libc::_exit(EXIT_SETUP_FAILED) }
+    }
+    drop(go);
+    // SAFETY: this process is single-threaded (it never started a thread), so fork is sound.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => exec_cmd(spec),
+        Ok(ForkResult::Parent { child }) => supervise(child, all, false),
+        Err(e) => die(&format!("fork: {e}"), EXIT_SETUP_FAILED),
+    }
+}
+
+/// The start time of process `pid` (clock ticks after boot, field 22 of /proc/PID/stat):
+/// with the pid, it names one process for good, even after the pid is reused.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count after the last ')'.
+    // A zombie is gone already (field 3 is its state).
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
+/// PID 1 of a keeper's PID namespace: reaps whatever `exec` left behind, until SIGTERM.
+fn keep_alive(set: &SigSet) -> ! {
+    loop {
+        match wait_in(set) {
+            Ok((Signal::SIGCHLD, _)) => {
+                while let Ok(st) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                    if matches!(st, WaitStatus::StillAlive) {
+                        break;
+                    }
+                }
+            }
+            Ok((Signal::SIGTERM | Signal::SIGINT, _)) => {
+                // SAFETY: see die().
+                unsafe { libc::_exit(0) }
+            }
+            Ok(_) => {}
+            Err(_) => die("signal wait failed", EXIT_SETUP_FAILED),
+        }
+    }
+}
+
 /// PID 1 of the sandbox's PID namespace.
 fn pid1(spec: &InitSpec, set: &SigSet) -> ! {
     // SAFETY: plain prctl call.
@@ -348,6 +484,9 @@ fn pid1(spec: &InitSpec, set: &SigSet) -> ! {
         if let Err(e) = read_only_bind(path) {
             die(&format!("make {path} read-only: {e}"), EXIT_SETUP_FAILED);
         }
+    }
+    if spec.keep {
+        keep_alive(set);
     }
     // SAFETY: single-threaded process, see init_main.
     match unsafe { fork() } {
@@ -416,6 +555,21 @@ fn supervise(child: Pid, set: &SigSet, reap_all: bool) -> ! {
 
 fn exec_cmd(spec: &InitSpec) -> ! {
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    if spec.tty {
+        // A session of its own with the terminal on stdin as its controlling terminal: job
+        // control and ^C work in an interactive shell.
+        // SAFETY: plain syscalls on this process's own descriptors.
+        let ok = unsafe { libc::setsid() >= 0 && libc::ioctl(0, libc::TIOCSCTTY, 0) == 0 };
+        if !ok {
+            die(
+                &format!(
+                    "cannot take the terminal: {}",
+                    std::io::Error::last_os_error()
+                ),
+                EXIT_SETUP_FAILED,
+            );
+        }
+    }
     if let Err(e) = drop_privileges(spec.user.as_ref()) {
         die(&format!("cannot drop privileges: {e}"), EXIT_SETUP_FAILED);
     }

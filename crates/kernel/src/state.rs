@@ -62,6 +62,15 @@ pub struct Lease {
     pub id: SandboxId,
 }
 
+impl Lease {
+    /// The descriptor holding the lease, to hand to a process that must hold it too (a
+    /// daemon's keeper: see `process::KEEPER_LEASE_FD`).
+    pub fn raw_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd as _;
+        self.lock.as_raw_fd()
+    }
+}
+
 impl serde::Serialize for SandboxId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         s.serialize_str(self.as_str())

@@ -49,6 +49,23 @@ pub enum Command {
     /// Named networks shared by several sandboxes: create, list, show, delete.
     #[command(subcommand)]
     Network(NetworkCommand),
+    /// Run the daemon for long-lived sandboxes, managed over a local socket and a TLS API.
+    Serve(ServeArgs),
+    /// Long-lived sandboxes of a daemon: create, list, show, exec, policy set, logs, delete.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+    /// The daemon's trusted client certificates and join tokens.
+    #[command(subcommand)]
+    Trust(TrustCommand),
+    /// Remote daemons this client talks to (`--remote NAME`).
+    #[command(subcommand)]
+    Remote(RemoteCommand),
+    /// Follow a daemon's events (DNS decisions, blocked flows, lifecycle), one JSON object
+    /// per line.
+    Monitor {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -234,4 +251,184 @@ pub enum PolicyCommand {
         #[arg(required = true, value_name = "LOG")]
         logs: Vec<PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML) [default: /etc/portcullis/serve.toml, when it exists].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Serve the remote API (TLS 1.3, client certificates) on ADDR:PORT; overrides the file.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Path of the local API socket; overrides the file.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Directory of the database and the server's certificate; overrides the file.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Which daemon a client command talks to.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// The daemon's local socket.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "PORTCULLIS_SOCKET",
+        default_value = "/run/portcullis/portcullis.sock"
+    )]
+    pub socket: PathBuf,
+    /// A remote daemon added with `portcullis remote add`.
+    #[arg(long, value_name = "NAME")]
+    pub remote: Option<String>,
+}
+
+/// A policy given on the command line of a client command.
+#[derive(Debug, Clone, Args)]
+pub struct PolicyArgs {
+    /// Allow a domain pattern (`example.com`, `*.example.com`, `**.example.com`), with
+    /// optional ports (`example.com:443`); repeatable.
+    #[arg(long, value_name = "PATTERN")]
+    pub allow: Vec<String>,
+    /// A TOML policy file.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Create a long-lived sandbox.
+    Create {
+        name: String,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Attach to a named network of the daemon.
+        #[arg(long, value_name = "NAME")]
+        network: Option<String>,
+        /// Publish a port: [HOST_ADDR:]HOST_PORT:SANDBOX_PORT[/tcp|/udp]; repeatable.
+        #[arg(long, value_name = "SPEC")]
+        publish: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List the sandboxes.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one sandbox (JSON).
+    Show {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a sandbox: every process in it ends, and its addresses and rules go.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Run a command in a sandbox; exits with its status.
+    Exec {
+        name: String,
+        /// Give the command a terminal.
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// Run it as USER or UID[:GID].
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(last = true, required = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
+    /// A sandbox's policy.
+    #[command(subcommand)]
+    Policy(SandboxPolicyCommand),
+    /// What a sandbox was denied and blocked, with the rules that would allow it (JSON).
+    Logs {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxPolicyCommand {
+    /// Replace the policy at once: what only the old one allowed is revoked, and live
+    /// connections to it are cut.
+    Set {
+        name: String,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the policy.
+    Show {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TrustCommand {
+    /// Trust a client certificate (PEM file) with a role.
+    Add {
+        certificate: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// auditor, user, operator or admin.
+        #[arg(long)]
+        role: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List trusted certificates and revoked fingerprints.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove (and revoke) a certificate, by name or fingerprint.
+    Remove {
+        which: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Issue a one-time join token for a new client.
+    Token {
+        name: String,
+        /// auditor, user, operator or admin.
+        #[arg(long)]
+        role: String,
+        /// Seconds the token stays valid.
+        #[arg(long, default_value_t = 86_400)]
+        ttl: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RemoteCommand {
+    /// Add a remote daemon: shows its certificate's fingerprint for confirmation (or takes
+    /// it from a join token), and joins with the token when one is given.
+    Add {
+        name: String,
+        /// https://HOST:PORT
+        url: String,
+        /// A join token from `portcullis trust token` on the daemon.
+        #[arg(long)]
+        token: Option<String>,
+        /// Accept this server fingerprint without asking.
+        #[arg(long, value_name = "SHA256")]
+        accept_fingerprint: Option<String>,
+    },
+    /// List remotes.
+    List,
+    /// Forget a remote.
+    Remove { name: String },
 }

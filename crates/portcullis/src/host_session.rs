@@ -250,6 +250,9 @@ pub fn execute(
             user,
             resolv_conf: resolv_path.clone(),
             host_network: true,
+            keep: false,
+            join: None,
+            tty: false,
         },
         &signals,
     )?;

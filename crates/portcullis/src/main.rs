@@ -3,7 +3,9 @@
 //! the exit code (see `exit`).
 
 mod cli;
+mod client;
 mod commands;
+mod daemon;
 mod exit;
 mod host_session;
 mod options;

@@ -108,7 +108,7 @@ pub fn parse_user(spec: &str) -> anyhow::Result<Credentials> {
 }
 
 /// Who CMD runs as: `--user`, else the sudo caller, else root (without capabilities).
-fn credentials(user: Option<&str>) -> anyhow::Result<Option<Credentials>> {
+pub(crate) fn credentials(user: Option<&str>) -> anyhow::Result<Option<Credentials>> {
     if let Some(spec) = user {
         return parse_user(spec).map(Some);
     }
@@ -217,7 +217,7 @@ fn publishes(given: &[String]) -> anyhow::Result<Vec<Publish>> {
 }
 
 /// `--upstream-dns`, else the nameservers of /etc/resolv.conf.
-fn upstreams(given: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
+pub(crate) fn upstreams(given: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
     if given.is_empty() {
         let found = nameservers(&read(Path::new("/etc/resolv.conf"))?);
         if found.is_empty() {

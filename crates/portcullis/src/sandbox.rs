@@ -179,6 +179,7 @@ pub struct Sandbox {
 impl Sandbox {
     /// Allocates addresses, records the sandbox, and wires the veth into the namespace at
     /// `netns`. Holds the global lock throughout so concurrent runs never pick the same block.
+    #[allow(clippy::too_many_arguments)]
     pub fn create(
         state: &StateDir,
         id: SandboxId,
@@ -187,6 +188,7 @@ impl Sandbox {
         netns: &std::path::Path,
         netlink: Arc<NetlinkSetWriter>,
         network: Option<NetworkRecord>,
+        lease: Option<Lease>,
     ) -> anyhow::Result<Self> {
         let lock: GlobalLock = state.lock()?;
         for what in cleanup_stale(state, false) {
@@ -227,7 +229,14 @@ impl Sandbox {
             nflog_group: None,
             network: network.as_ref().map(|n| n.name.clone()),
         };
-        let lease = state.create(&record)?;
+        // A daemon's sandbox took its lease before its keeper started (the keeper holds it).
+        let lease = match lease {
+            Some(l) => {
+                state.update(&record)?;
+                l
+            }
+            None => state.create(&record)?,
+        };
         let sb = Sandbox {
             id,
             addressing,
@@ -259,6 +268,29 @@ impl Sandbox {
         drop(lock);
         wired?;
         Ok(sb)
+    }
+
+    /// Takes over a daemon's sandbox that outlived the daemon (its keeper holds the lease).
+    pub fn adopt(
+        state: &StateDir,
+        record: &SandboxRecord,
+        netlink: Arc<NetlinkSetWriter>,
+        network: Option<NetworkRecord>,
+    ) -> anyhow::Result<Self> {
+        let addressing = record
+            .addressing
+            .clone()
+            .ok_or_else(|| anyhow!("sandbox {} was never wired", record.id))?;
+        Ok(Sandbox {
+            id: record.id.clone(),
+            addressing,
+            state: state.clone(),
+            network,
+            lease: None,
+            netlink,
+            netns_gone: false,
+            torn_down: false,
+        })
     }
 
     /// Notes the sandbox's NFLOG group in its record.

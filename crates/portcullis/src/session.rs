@@ -210,6 +210,9 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
             user,
             resolv_conf: resolv_path.clone(),
             host_network: false,
+            keep: false,
+            join: None,
+            tty: false,
         },
         &signals,
     )?;
@@ -222,6 +225,7 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         &helper.netns_path(),
         netlink.clone(),
         network,
+        None,
     )
     .code(FAILED)?;
     aborted(&signals)?;

@@ -13,4 +13,7 @@ pub mod sandbox;
 pub mod server;
 pub mod upstream;
 
-pub use sandbox::{DnsReport, Observed, QueryObserver, RelayConfig, SandboxCtx};
+pub use sandbox::{
+    DecisionSink, DnsReport, Observed, QueryObserver, RelayConfig, Revoked, SandboxCtx,
+    SavedElement,
+};

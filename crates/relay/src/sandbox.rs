@@ -168,6 +168,12 @@ pub struct SavedElement {
     pub unknown_names: bool,
 }
 
+/// Receives every decision of a sandbox's relay: `decision` is "allowed", "denied" or
+/// "failed"; `addresses` are those released (allowed only). Called before the answer goes.
+pub trait DecisionSink: Send + Sync + std::fmt::Debug {
+    fn decided(&self, name: &str, qtype: &str, decision: &str, addresses: &[IpAddr]);
+}
+
 /// One sandbox, as the relay serves it.
 #[derive(Debug)]
 pub struct SandboxCtx {
@@ -184,6 +190,8 @@ pub struct SandboxCtx {
     /// Set when learning: every name is forwarded, nothing goes into sets (egress is open),
     /// and every query is reported here.
     observer: Option<Arc<dyn QueryObserver>>,
+    /// Told of every decision (a daemon's event stream).
+    decisions: Option<Arc<dyn DecisionSink>>,
 }
 
 /// The response code of a reply in wire form, by its name in zone files and logs.
@@ -225,6 +233,19 @@ impl SandboxCtx {
             report: Mutex::new(DnsReport::default()),
             cache: Arc::default(),
             observer: None,
+            decisions: None,
+        }
+    }
+
+    /// Reports every decision to `sink` (see `DecisionSink`).
+    pub fn with_decisions(mut self, sink: Arc<dyn DecisionSink>) -> Self {
+        self.decisions = Some(sink);
+        self
+    }
+
+    fn decided(&self, name: &str, q: &answer::Query, decision: &str, addrs: &[IpAddr]) {
+        if let Some(d) = &self.decisions {
+            d.decided(name, &q.qtype.to_string(), decision, addrs);
         }
     }
 
@@ -349,6 +370,7 @@ impl SandboxCtx {
                 Err(e) => {
                     tracing::warn!(target: "portcullis::dns", name = %name, error = %e, "upstream failed: SERVFAIL");
                     self.observe(&name, &q, "TIMEOUT".into(), &answer::Bound::default());
+                    self.decided(&name, &q, "failed", &[]);
                     self.note(|r| DnsReport::count(&mut r.failed, &mut r.unlisted, name));
                     return Some(answer::error_reply(id, Some(&q), ResponseCode::ServFail));
                 }
@@ -408,10 +430,15 @@ impl SandboxCtx {
         };
         if let Err(e) = self.open(cfg, &opener, &bound.addrs) {
             tracing::error!(target: "portcullis::dns", name = %name, error = %e, "set insertion failed: SERVFAIL");
+            self.decided(&name, &q, "failed", &[]);
             self.note(|r| DnsReport::count(&mut r.failed, &mut r.unlisted, name));
             return Some(answer::error_reply(id, Some(&q), ResponseCode::ServFail));
         }
         tracing::info!(target: "portcullis::dns", name = %name, qtype = %q.qtype, addresses = bound.addrs.len(), "allowed");
+        if self.decisions.is_some() {
+            let released: Vec<IpAddr> = bound.addrs.iter().map(|(a, _)| *a).collect();
+            self.decided(&name, &q, "allowed", &released);
+        }
         self.note(|r| {
             for (a, _) in &bound.addrs {
                 if r.names_of.len() < MAX_REPORT_ENTRIES || r.names_of.contains_key(a) {
@@ -429,6 +456,7 @@ impl SandboxCtx {
 
     fn deny(&self, cfg: &RelayConfig, q: &answer::Query, id: u16, name: String) -> Vec<u8> {
         tracing::info!(target: "portcullis::dns", name = %name, qtype = %q.qtype, "denied");
+        self.decided(&name, q, "denied", &[]);
         self.note(|r| DnsReport::count(&mut r.denied, &mut r.unlisted, name));
         answer::error_reply(id, Some(q), cfg.deny_rcode)
     }
@@ -679,6 +707,14 @@ impl SandboxCtx {
     }
 
     /// The live elements, for the daemon to keep across a restart.
+    /// How many elements the relay holds open (unexpired) in the sandbox's sets.
+    pub fn live_elements(&self) -> usize {
+        let now = Instant::now();
+        self.expiry()
+            .map(|e| e.values().filter(|v| v.until > now).count())
+            .unwrap_or(0)
+    }
+
     pub fn snapshot(&self) -> Vec<SavedElement> {
         let now = Instant::now();
         let Ok(expiry) = self.expiry() else {

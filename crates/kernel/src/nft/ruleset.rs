@@ -284,6 +284,24 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
     s
 }
 
+/// A script that replaces the rules of every chain of `script` (a `sandbox_ruleset`) in the
+/// live table `table`, in one transaction: each chain is flushed and filled again, while the
+/// sets keep their elements and the connections their conntrack entries. No packet ever sees
+/// a chain half written.
+pub fn replace_chains(script: &str, table: &str) -> String {
+    let mut s = String::new();
+    for line in script.lines() {
+        let t = line.trim_start();
+        if let Some(rest) = t.strip_prefix("chain ")
+            && let Some(name) = rest.strip_suffix(" {")
+        {
+            let _ = writeln!(s, "flush chain inet {table} {name}");
+        }
+    }
+    s.push_str(script);
+    s
+}
+
 /// The dynamic allow sets the relay writes and the `blocked` counter: the same in a
 /// sandbox's table and in a host-mode run's.
 pub(crate) fn set_declarations() -> String {
@@ -688,6 +706,29 @@ mod tests {
         assert!(text.contains(r#"oifname != "pc-n01234567" ip saddr 203.0.113.194 masquerade"#));
         let net = network_ruleset("portcullis_n01234567", "pc-n01234567");
         assert!(net.contains(r#"oifname "pc-n01234567" icmpv6 type nd-redirect drop"#));
+    }
+
+    #[test]
+    fn replacing_flushes_every_chain_and_keeps_the_sets() {
+        let id = SandboxId::parse("0a1b2c3d").unwrap();
+        let a = addressing();
+        let script = sandbox_ruleset(&rules(&id, &a));
+        let r = replace_chains(&script, &id.table());
+        for chain in [
+            "dns_redirect",
+            "host_input",
+            "forward",
+            "host_output",
+            "egress",
+            "source_nat",
+        ] {
+            assert!(
+                r.contains(&format!("flush chain inet {} {chain}\n", id.table())),
+                "{chain}: {r}"
+            );
+        }
+        assert!(!r.contains("flush set") && !r.contains("delete"), "{r}");
+        assert!(r.ends_with(&script));
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! One module per subcommand.
 
 mod cleanup;
+mod client;
 mod docs;
 mod learn;
-mod network;
+pub(crate) mod network;
 mod policy;
 mod run;
+mod serve;
 
 use crate::cli::{Cli, Command};
 use crate::exit::Failure;
@@ -18,6 +20,11 @@ pub fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Policy(cmd) => policy::policy(cmd),
         Command::Cleanup => cleanup::cleanup(cli.state_dir),
         Command::Network(cmd) => network::network(cmd, cli.state_dir),
+        Command::Serve(args) => serve::serve(args, cli.state_dir),
+        Command::Sandbox(cmd) => client::sandbox(cmd),
+        Command::Trust(cmd) => client::trust(cmd),
+        Command::Remote(cmd) => client::remote(cmd),
+        Command::Monitor { client } => client::monitor(client),
         Command::Completions { shell } => docs::completions(shell),
         Command::Man => docs::man(),
     }

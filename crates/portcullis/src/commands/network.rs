@@ -122,7 +122,7 @@ fn gateways(s4: Ipv4Net, s6: Ipv6Net) -> (Ipv4Addr, Ipv6Addr) {
     )
 }
 
-fn create(
+pub(crate) fn create(
     state: &StateDir,
     name: &NetworkName,
     subnet4: Option<Ipv4Net>,
@@ -226,7 +226,7 @@ fn create(
     Ok(rec)
 }
 
-fn delete(state: &StateDir, name: &NetworkName) -> Result<(), Failure> {
+pub(crate) fn delete(state: &StateDir, name: &NetworkName) -> Result<(), Failure> {
     let lock = state.lock().code(FAILED)?;
     if state.network(name).code(FAILED)?.is_none() {
         return Err(fail(FAILED, format!("no network named {name}")));
