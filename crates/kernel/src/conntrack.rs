@@ -9,8 +9,10 @@
 //! may pick a mid-stream segment up, but as a *new* flow (ct state new; invalid with loose
 //! tracking off), which the set check no longer accepts, so it is dropped and the unconfirmed
 //! entry vanishes with it. Packets from the far side find no entry either and are dropped by
-//! `forward` (only `established,related` reaches the sandbox). The connection is not reset:
-//! both ends see silence and time out on their own (tested in `crates/kernel/tests/revoke.rs`).
+//! `forward` (only `established,related` reaches the sandbox). The sandbox's end is not reset:
+//! it sees silence and times out on its own. The far end, when its packets reach a host that
+//! masquerades the sandbox, finds no NAT binding left and gets a RST from the host's own stack
+//! (tested in `crates/kernel/tests/revoke.rs`).
 //!
 //! The socket is opened in the calling thread's network namespace (the sandbox's host side).
 

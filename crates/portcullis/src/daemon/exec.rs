@@ -89,8 +89,13 @@ pub async fn exec(
     if spec.command.iter().any(|a| a.contains('\0')) {
         return Err(ApiError::bad_request("\"command\" contains a NUL byte"));
     }
-    let user = crate::options::credentials(spec.user.as_deref())
-        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    // Without "user", root without capabilities: the daemon's own SUDO_UID (which `run`
+    // honours for its invoking user) says nothing about an API caller.
+    let user = match spec.user.as_deref() {
+        Some(u) => crate::options::credentials(Some(u))
+            .map_err(|e| ApiError::bad_request(format!("{e:#}")))?,
+        None => None,
+    };
     let keeper = live
         .keeper()
         .ok_or_else(|| ApiError::internal("the sandbox has no keeper"))?;
