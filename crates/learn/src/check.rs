@@ -85,7 +85,7 @@ pub enum BlockReason {
 }
 
 impl BlockedFlow {
-    /// "203.0.113.50:80/tcp", "[2001:db8::1]:443/tcp", "192.0.2.1/icmp", as `run` shows it.
+    /// "203.0.113.50:80/tcp", "[2001:db8::1]:443/tcp", "198.51.100.201/icmp", as `run` shows it.
     pub fn destination(&self) -> String {
         match (self.address, self.port) {
             (IpAddr::V6(a), Some(port)) => format!("[{a}]:{port}/{}", self.protocol),
@@ -519,9 +519,9 @@ domain = "never.example.org"
         let p = policy();
         let events = vec![
             query("api.example.com", &[]),
-            flow("tcp", "192.0.2.1", Some(443), &["api.example.com"]),
+            flow("tcp", "198.51.100.201", Some(443), &["api.example.com"]),
             query("www.example.org", &[]),
-            flow("icmp", "192.0.2.2", None, &["www.example.org"]),
+            flow("icmp", "198.51.100.202", None, &["www.example.org"]),
         ];
         let r = check(&p, &events);
         assert!(r.is_clean(), "{r:?}");
@@ -555,11 +555,11 @@ domain = "never.example.org"
                 &["edge.evil.example.org", "evil.example.org"],
             ),
             query("bad..name", &[]),
-            flow("tcp", "192.0.2.1", Some(80), &["api.example.com"]),
-            flow("tcp", "192.0.2.1", Some(80), &["api.example.com"]),
-            flow("udp", "192.0.2.1", Some(443), &["api.example.com"]),
-            flow("icmp", "192.0.2.1", None, &["api.example.com"]),
-            flow("tcp", "192.0.2.7", Some(443), &[]),
+            flow("tcp", "198.51.100.201", Some(80), &["api.example.com"]),
+            flow("tcp", "198.51.100.201", Some(80), &["api.example.com"]),
+            flow("udp", "198.51.100.201", Some(443), &["api.example.com"]),
+            flow("icmp", "198.51.100.201", None, &["api.example.com"]),
+            flow("tcp", "198.51.100.207", Some(443), &[]),
             flow("tcp", "2001:db8::1", Some(443), &["telemetry.example.net"]),
             // Covered by CIDR rules: passes.
             flow("udp", "198.51.100.9", Some(53), &[]),
@@ -600,27 +600,27 @@ domain = "never.example.org"
             blocked,
             vec![
                 (
-                    "192.0.2.1/icmp".to_owned(),
-                    1,
-                    "resolved from api.example.com, whose rules do not allow icmp (only a rule without ports allows it)".to_owned()
-                ),
-                (
-                    "192.0.2.1:80/tcp".to_owned(),
-                    2,
-                    "resolved from api.example.com, whose rules do not allow 80/tcp".to_owned()
-                ),
-                (
-                    "192.0.2.1:443/udp".to_owned(),
-                    1,
-                    "resolved from api.example.com, whose rules do not allow 443/udp".to_owned()
-                ),
-                (
-                    "192.0.2.7:443/tcp".to_owned(),
+                    "198.51.100.9:54/udp".to_owned(),
                     1,
                     "no DNS lookup: hard-coded address".to_owned()
                 ),
                 (
-                    "198.51.100.9:54/udp".to_owned(),
+                    "198.51.100.201/icmp".to_owned(),
+                    1,
+                    "resolved from api.example.com, whose rules do not allow icmp (only a rule without ports allows it)".to_owned()
+                ),
+                (
+                    "198.51.100.201:80/tcp".to_owned(),
+                    2,
+                    "resolved from api.example.com, whose rules do not allow 80/tcp".to_owned()
+                ),
+                (
+                    "198.51.100.201:443/udp".to_owned(),
+                    1,
+                    "resolved from api.example.com, whose rules do not allow 443/udp".to_owned()
+                ),
+                (
+                    "198.51.100.207:443/tcp".to_owned(),
                     1,
                     "no DNS lookup: hard-coded address".to_owned()
                 ),
@@ -634,7 +634,7 @@ domain = "never.example.org"
         assert_eq!(
             r.suggested_allow,
             vec![
-                "192.0.2.7",
+                "198.51.100.207",
                 "198.51.100.9",
                 "api.example.com",
                 "telemetry.example.net"
@@ -657,7 +657,7 @@ domain = "never.example.org"
             "{text}"
         );
         assert!(
-            text.contains("To allow them, add:\n  --allow '192.0.2.7'\n"),
+            text.contains("To allow them, add:\n  --allow '198.51.100.207'\n"),
             "{text}"
         );
         assert!(
@@ -675,8 +675,8 @@ domain = "never.example.org"
         let mut events = vec![
             query("b.example.net", &[]),
             query("a.example.net", &[]),
-            flow("tcp", "192.0.2.9", Some(1), &[]),
-            flow("tcp", "192.0.2.8", Some(2), &[]),
+            flow("tcp", "198.51.100.209", Some(1), &[]),
+            flow("tcp", "198.51.100.208", Some(2), &[]),
         ];
         let one = check(&p, &events);
         events.reverse();
@@ -687,7 +687,7 @@ domain = "never.example.org"
     #[test]
     fn empty_policy_and_empty_log() {
         // A name no rule could allow is listed, but the check stays clean: no policy fixes it.
-        let r = check(&Policy::default(), &[query("192.0.2.1", &[])]);
+        let r = check(&Policy::default(), &[query("198.51.100.201", &[])]);
         assert_eq!(r.denied.len(), 1);
         assert!(r.is_clean(), "{r:?}");
         assert!(r.suggested_allow.is_empty());

@@ -7,8 +7,8 @@
 //! attribution is exact. Lines look like
 //!
 //! ```text
-//! Nov 22 10:00:01 dnsmasq[1234]: query[A] example.com from 192.0.2.2
-//! Nov 22 10:00:01 host dnsmasq[1234]: 5 192.0.2.2/43567 reply example.com is 198.51.100.34
+//! Nov 22 10:00:01 dnsmasq[1234]: query[A] example.com from 198.51.100.202
+//! Nov 22 10:00:01 host dnsmasq[1234]: 5 198.51.100.202/43567 reply example.com is 198.51.100.34
 //! 2026-11-22T10:00:01.123456+01:00 host dnsmasq[1234]: cached example.com is <CNAME>
 //! ```
 //!
@@ -549,29 +549,29 @@ mod tests {
     fn plain_form() {
         let log = "\
 Nov 22 10:00:00 dnsmasq[1]: started, version 2.90 cachesize 150
-Nov 22 10:00:01 dnsmasq[1]: query[A] Example.COM. from 192.0.2.2
-Nov 22 10:00:01 dnsmasq[1]: query[AAAA] example.com from 192.0.2.2
-Nov 22 10:00:01 dnsmasq[1]: forwarded example.com to 192.0.2.53
-Nov 22 10:00:01 dnsmasq[1]: forwarded example.com to 192.0.2.53
+Nov 22 10:00:01 dnsmasq[1]: query[A] Example.COM. from 198.51.100.202
+Nov 22 10:00:01 dnsmasq[1]: query[AAAA] example.com from 198.51.100.202
+Nov 22 10:00:01 dnsmasq[1]: forwarded example.com to 198.51.100.253
+Nov 22 10:00:01 dnsmasq[1]: forwarded example.com to 198.51.100.253
 Nov 22 10:00:01 dnsmasq[1]: reply example.com is 2001:db8::7
 Nov 22 10:00:01 dnsmasq[1]: reply example.com is 198.51.100.34
-Nov  2 10:00:02 dnsmasq[1]: query[A] www.example.org from 192.0.2.2
+Nov  2 10:00:02 dnsmasq[1]: query[A] www.example.org from 198.51.100.202
 Nov  2 10:00:02 dnsmasq[1]: reply www.example.org is <CNAME>
 Nov  2 10:00:02 dnsmasq[1]: reply edge.example.net is <CNAME>
 Nov  2 10:00:02 dnsmasq[1]: reply edge2.example.net is 198.51.100.1
 Nov  2 10:00:02 dnsmasq[1]: reply edge2.example.net is 198.51.100.2
-Nov  2 10:00:03 dnsmasq[1]: query[A] nope.example from 192.0.2.2
+Nov  2 10:00:03 dnsmasq[1]: query[A] nope.example from 198.51.100.202
 Nov  2 10:00:03 dnsmasq[1]: reply nope.example is NXDOMAIN
-Nov  2 10:00:04 dnsmasq[1]: query[A] refused.example from 192.0.2.2
+Nov  2 10:00:04 dnsmasq[1]: query[A] refused.example from 198.51.100.202
 Nov  2 10:00:04 dnsmasq[1]: reply error is REFUSED
-Nov  2 10:00:05 dnsmasq[1]: query[type=65] svc.example from 192.0.2.2
-Nov  2 10:00:05 dnsmasq[1]: query[A] cache.example from 192.0.2.2
-Nov  2 10:00:05 dnsmasq[1]: cached cache.example is 192.0.2.9
-Nov  2 10:00:05 dnsmasq[1]: query[A] hosts.example from 192.0.2.2
-Nov  2 10:00:05 dnsmasq[1]: /etc/hosts hosts.example is 192.0.2.10
-Nov  2 10:00:05 dnsmasq[1]: query[TXT] t.example from 192.0.2.2
+Nov  2 10:00:05 dnsmasq[1]: query[type=65] svc.example from 198.51.100.202
+Nov  2 10:00:05 dnsmasq[1]: query[A] cache.example from 198.51.100.202
+Nov  2 10:00:05 dnsmasq[1]: cached cache.example is 198.51.100.209
+Nov  2 10:00:05 dnsmasq[1]: query[A] hosts.example from 198.51.100.202
+Nov  2 10:00:05 dnsmasq[1]: /etc/hosts hosts.example is 198.51.100.210
+Nov  2 10:00:05 dnsmasq[1]: query[TXT] t.example from 198.51.100.202
 Nov  2 10:00:05 dnsmasq[1]: reply t.example is v=spf1 a is ok
-Nov  2 10:00:05 dnsmasq[1]: query[AAAA] v4only.example from 192.0.2.2
+Nov  2 10:00:05 dnsmasq[1]: query[AAAA] v4only.example from 198.51.100.202
 Nov  2 10:00:05 dnsmasq[1]: config v4only.example is NODATA-IPv6
 ";
         let imported = import(log, "d.log", 2026);
@@ -611,12 +611,12 @@ Nov  2 10:00:05 dnsmasq[1]: config v4only.example is NODATA-IPv6
     #[test]
     fn extra_form_with_hosts_and_rfc3339() {
         let log = "\
-2026-11-22T10:00:01.250+01:00 box dnsmasq[7]: 5 192.0.2.2/43567 query[A] a.example from 192.0.2.2
-2026-11-22T10:00:01.250+01:00 box dnsmasq[7]: 6 192.0.2.3/1000 query[A] a.example from 192.0.2.3
-2026-11-22T10:00:01.300+01:00 box dnsmasq[7]: 6 192.0.2.3/1000 reply a.example is <CNAME>
-2026-11-22T10:00:01.300+01:00 box dnsmasq[7]: 6 192.0.2.3/1000 reply b.example is 192.0.2.1
-2026-11-22T10:00:01.300+01:00 box dnsmasq[7]: 5 192.0.2.2/43567 reply error is SERVFAIL (EDE: network error)
-2026-11-22T10:00:01.300+01:00 box dnsmasq-dhcp[7]: DHCPACK(eth0) 192.0.2.9
+2026-11-22T10:00:01.250+01:00 box dnsmasq[7]: 5 198.51.100.202/43567 query[A] a.example from 198.51.100.202
+2026-11-22T10:00:01.250+01:00 box dnsmasq[7]: 6 198.51.100.203/1000 query[A] a.example from 198.51.100.203
+2026-11-22T10:00:01.300+01:00 box dnsmasq[7]: 6 198.51.100.203/1000 reply a.example is <CNAME>
+2026-11-22T10:00:01.300+01:00 box dnsmasq[7]: 6 198.51.100.203/1000 reply b.example is 198.51.100.201
+2026-11-22T10:00:01.300+01:00 box dnsmasq[7]: 5 198.51.100.202/43567 reply error is SERVFAIL (EDE: network error)
+2026-11-22T10:00:01.300+01:00 box dnsmasq-dhcp[7]: DHCPACK(eth0) 198.51.100.209
 ";
         let imported = import(log, "x.log", 1999);
         assert!(imported.junk.is_empty(), "{:?}", imported.junk);
@@ -625,24 +625,24 @@ Nov  2 10:00:05 dnsmasq[1]: config v4only.example is NODATA-IPv6
         assert_eq!(q[0].time, "2026-11-22T09:00:01.250Z");
         assert_eq!(q[0].rcode, "SERVFAIL");
         assert_eq!(q[1].cnames, vec!["b.example"]);
-        assert_eq!(q[1].answers, vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(q[1].answers, vec!["198.51.100.201".parse::<IpAddr>().unwrap()]);
     }
 
     #[test]
     fn junk_lines_are_located_and_skipped() {
         let log = "\
-Nov 22 10:00:01 dnsmasq[1]: query[A] a.example from 192.0.2.2
+Nov 22 10:00:01 dnsmasq[1]: query[A] a.example from 198.51.100.202
 kernel: eth0 link up
 Nov 22 10:00:01 sshd[99]: Accepted publickey for root
 Nov 22 10:00:01 dnsmasq[1]: query[A] trunc.exam
-Nov 31 10:00:01 dnsmasq[1]: query[A] b.example from 192.0.2.2
-Nov 22 25:00:01 dnsmasq[1]: query[A] b.example from 192.0.2.2
+Nov 31 10:00:01 dnsmasq[1]: query[A] b.example from 198.51.100.202
+Nov 22 25:00:01 dnsmasq[1]: query[A] b.example from 198.51.100.202
 Nov 22 10:00:01 dnsmasq[1]: reply a.example
 Nov 22 10:00:01 dnsmasq[1
 Nov 22 10:0
-Nov 22 10:00:01 dnsmasq[1]: 12 192.0.2.2
+Nov 22 10:00:01 dnsmasq[1]: 12 198.51.100.202
 \u{fffd}\u{fffd}
-Nov 22 10:00:02 dnsmasq[1]: reply a.example is 192.0.2.1
+Nov 22 10:00:02 dnsmasq[1]: reply a.example is 198.51.100.201
 ";
         let imported = import(log, "j.log", 2026);
         let lines: Vec<usize> = imported.junk.iter().map(|j| j.line).collect();
@@ -670,8 +670,8 @@ Nov 22 10:00:02 dnsmasq[1]: reply a.example is 192.0.2.1
     #[test]
     fn year_moves_on_in_january() {
         let log = "\
-Dec 31 23:59:59 dnsmasq[1]: query[A] a.example from 192.0.2.2
-Jan  1 00:00:01 dnsmasq[1]: query[A] b.example from 192.0.2.2
+Dec 31 23:59:59 dnsmasq[1]: query[A] a.example from 198.51.100.202
+Jan  1 00:00:01 dnsmasq[1]: query[A] b.example from 198.51.100.202
 ";
         let q = import(log, "y.log", 2025);
         let q = queries(&q);

@@ -9,7 +9,7 @@
 //! {"type":"header","schema":"portcullis-learn-log","version":1,"started":"2026-11-22T10:00:00.000Z","source":"portcullis learn","command":["./job.sh"]}
 //! {"type":"query","time":"2026-11-22T10:00:00.120Z","name":"api.example.com","qtype":"A","rcode":"NOERROR","answers":["198.51.100.7"],"cnames":["edge.example.net"],"ttl":300}
 //! {"type":"flow","time":"2026-11-22T10:00:00.125Z","protocol":"tcp","address":"198.51.100.7","port":443,"names":["api.example.com"]}
-//! {"type":"flow","time":"2026-11-22T10:00:01.000Z","protocol":"udp","address":"192.0.2.9","port":5000,"names":[]}
+//! {"type":"flow","time":"2026-11-22T10:00:01.000Z","protocol":"udp","address":"198.51.100.209","port":5000,"names":[]}
 //! {"type":"end","time":"2026-11-22T10:00:02.000Z","exit_code":0,"queries":1,"flows":2,"flows_lost":0}
 //! ```
 

@@ -670,10 +670,10 @@ mod tests {
             ),
             q(&t(13), "bad name!.com", "A", "NXDOMAIN", &[], &[]),
             q(&t(13), "*.wild.example.com", "A", "NXDOMAIN", &[], &[]),
-            q(&t(13), "192.0.2.1", "A", "NOERROR", &["192.0.2.1"], &[]),
-            f(&t(14), "udp", "192.0.2.9", Some(5000), &[]),
+            q(&t(13), "198.51.100.201", "A", "NOERROR", &["198.51.100.201"], &[]),
+            f(&t(14), "udp", "198.51.100.209", Some(5000), &[]),
             f(&t(14), "tcp", "2001:db8::99", Some(22), &[]),
-            f(&t(15), "icmp", "192.0.2.10", None, &[]),
+            f(&t(15), "icmp", "198.51.100.210", None, &[]),
             f(
                 &t(15),
                 "proto-47",
@@ -802,7 +802,7 @@ mod tests {
             "portless.example.net",
             "gre.example.net",
             "resolved.example.com",
-            "192.0.2.10",
+            "198.51.100.210",
         ] {
             assert!(rule(&s, any).access.any, "{any}");
         }
@@ -810,7 +810,7 @@ mod tests {
             groups("upper.example.com"),
             vec![g(&[22], &[Protocol::Tcp])]
         );
-        assert_eq!(groups("192.0.2.9"), vec![g(&[5000], &[Protocol::Udp])]);
+        assert_eq!(groups("198.51.100.209"), vec![g(&[5000], &[Protocol::Udp])]);
         assert_eq!(rule(&s, "resolved.example.com").notes, [NOTE_RESOLVED_ONLY]);
         assert_eq!(rule(&s, "nx.example.com").notes, [NOTE_NXDOMAIN]);
         assert!(rule(&s, "fail.example.com").notes[0].contains("SERVFAIL 1, TIMEOUT 1"));
@@ -858,8 +858,8 @@ mod tests {
                 "portless.example.net",
                 "dns.example.org",
                 "mixed.example.org",
-                "192.0.2.9",
-                "192.0.2.10",
+                "198.51.100.209",
+                "198.51.100.210",
                 "2001:db8::99",
             ]
         );
@@ -877,7 +877,7 @@ mod tests {
             "# resolved only: no connection seen\n[[allow]]\ndomain = \"resolved.example.com\"\n"
         ));
         assert!(text.contains(
-            "# WARNING: hard-coded address, no DNS lookup\n[[allow]]\ncidr = \"192.0.2.9\"\n"
+            "# WARNING: hard-coded address, no DNS lookup\n[[allow]]\ncidr = \"198.51.100.209\"\n"
         ));
         // A newline in the logged command cannot escape its comment.
         assert!(

@@ -106,15 +106,15 @@ fn log() -> Vec<Event> {
         q("nx.example.net", "A", "NXDOMAIN", &[], &[]),
         q("broken.example.net", "A", "SERVFAIL", &[], &[]),
         q("7.100.51.198.in-addr.arpa", "PTR", "NOERROR", &[], &[]),
-        q("d1.cloudfront.net", "A", "NOERROR", &["192.0.2.50"], &[]),
-        q("d2.cloudfront.net", "A", "NOERROR", &["192.0.2.51"], &[]),
-        q("d3.cloudfront.net", "A", "NOERROR", &["192.0.2.52"], &[]),
-        f("tcp", "192.0.2.50", Some(443), &["d1.cloudfront.net"]),
-        f("tcp", "192.0.2.51", Some(443), &["d2.cloudfront.net"]),
+        q("d1.cloudfront.net", "A", "NOERROR", &["198.51.100.250"], &[]),
+        q("d2.cloudfront.net", "A", "NOERROR", &["198.51.100.251"], &[]),
+        q("d3.cloudfront.net", "A", "NOERROR", &["198.51.100.252"], &[]),
+        f("tcp", "198.51.100.250", Some(443), &["d1.cloudfront.net"]),
+        f("tcp", "198.51.100.251", Some(443), &["d2.cloudfront.net"]),
         q("bad_label!.example.com", "A", "NXDOMAIN", &[], &[]),
-        f("udp", "192.0.2.9", Some(5000), &[]),
+        f("udp", "198.51.100.209", Some(5000), &[]),
         f("tcp", "2001:db8::99", Some(22), &[]),
-        f("icmp", "192.0.2.10", None, &[]),
+        f("icmp", "198.51.100.210", None, &[]),
         Event::End(End {
             time: "2026-11-22T10:00:02.000Z".to_owned(),
             exit_code: 0,
@@ -409,7 +409,7 @@ fn cilium_policy_is_yaml_with_the_expected_shape() {
             .unwrap();
         assert_eq!(api["toPorts"][0]["ports"][0]["port"], "443");
         assert_eq!(api["toPorts"][0]["ports"][1]["protocol"], "TCP");
-        assert!(egress.iter().any(|e| e["toCIDR"][0] == "192.0.2.9/32"));
+        assert!(egress.iter().any(|e| e["toCIDR"][0] == "198.51.100.209/32"));
         if label == "plain" {
             let ping = egress
                 .iter()

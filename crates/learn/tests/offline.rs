@@ -166,7 +166,7 @@ fn real_log(extra: bool) -> String {
             }
             .to_owned(),
             format!("--server=127.0.0.1#{}", upstream.port),
-            "--address=/a.test/192.0.2.1".to_owned(),
+            "--address=/a.test/198.51.100.201".to_owned(),
         ],
     );
     for (name, qtype) in [
@@ -215,7 +215,7 @@ fn check_real_import(extra: bool) {
     assert_eq!(
         got,
         vec![
-            ("a.test", "A", "NOERROR", vec![ip("192.0.2.1")], vec![]),
+            ("a.test", "A", "NOERROR", vec![ip("198.51.100.201")], vec![]),
             ("up.test", "A", "NOERROR", vec![up4], vec![]),
             ("up.test", "A", "NOERROR", vec![up4], vec![]),
             (
@@ -279,23 +279,23 @@ const SYSLOG: &str = "\
 Nov 22 10:00:00 gw dnsmasq[812]: started, version 2.90 cachesize 150
 Nov 22 10:00:00 gw dnsmasq[812]: using nameserver 9.9.9.9#53
 Nov 22 10:00:01 gw systemd[1]: Started dnsmasq.service - dnsmasq.
-Nov 22 10:00:05 gw dnsmasq[812]: query[A] registry.npmjs.org from 192.0.2.2
+Nov 22 10:00:05 gw dnsmasq[812]: query[A] registry.npmjs.org from 198.51.100.202
 Nov 22 10:00:05 gw dnsmasq[812]: forwarded registry.npmjs.org to 9.9.9.9
 Nov 22 10:00:05 gw dnsmasq[812]: reply registry.npmjs.org is 198.51.100.35
 Nov 22 10:00:05 gw dnsmasq[812]: reply registry.npmjs.org is 198.51.100.36
-Nov 22 10:00:06 gw dnsmasq[812]: query[A] github.com from 192.0.2.2
+Nov 22 10:00:06 gw dnsmasq[812]: query[A] github.com from 198.51.100.202
 Nov 22 10:00:06 gw dnsmasq[812]: cached github.com is 198.51.100.4
-Nov 22 10:00:06 gw dnsmasq[812]: query[AAAA] github.com from 192.0.2.2
+Nov 22 10:00:06 gw dnsmasq[812]: query[AAAA] github.com from 198.51.100.202
 Nov 22 10:00:06 gw dnsmasq[812]: forwarded github.com to 9.9.9.9
 Nov 22 10:00:06 gw dnsmasq[812]: reply github.com is NODATA-IPv6
 garbage without a date
-Nov 22 10:00:07 gw dnsmasq[812]: query[A] objects.githubusercontent.com from 192.0.2.2
+Nov 22 10:00:07 gw dnsmasq[812]: query[A] objects.githubusercontent.com from 198.51.100.202
 Nov 22 10:00:07 gw dnsmasq[812]: query[A] telemetry.example.net fr
 Nov 22 10:00:07 gw dnsmasq[812]: forwarded objects.githubusercontent.com to 9.9.9.9
 Nov 22 10:00:07 gw dnsmasq[812]: reply objects.githubusercontent.com is <CNAME>
 Nov 22 10:00:07 gw dnsmasq[812]: reply github.map.fastly.net is 198.51.100.133
-Feb 30 10:00:08 gw dnsmasq[812]: query[A] bad-date.example from 192.0.2.2
-Nov 22 10:00:09 gw dnsmasq[812]: query[A] tracker.example.org from 192.0.2.2
+Feb 30 10:00:08 gw dnsmasq[812]: query[A] bad-date.example from 198.51.100.202
+Nov 22 10:00:09 gw dnsmasq[812]: query[A] tracker.example.org from 198.51.100.202
 Nov 22 10:00:09 gw dnsmasq[812]: config tracker.example.org is NXDOMAIN
 Nov 22 10:00:09 gw kernel: [UFW BLOCK] IN=eth0
 Nov 22 10:00:10 gw dnsmasq[8

@@ -859,7 +859,7 @@ domain = "a.example.com"
 [[allow]]
 domains = ["**.example.com", "b.example.org"]
 [[allow]]
-cidr = "192.0.2.0/24"
+cidr = "198.51.100.208/28"
 [[deny]]
 domain = "*.example.com"
 "#,

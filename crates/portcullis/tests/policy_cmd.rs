@@ -47,10 +47,10 @@ fn stderr(out: &Output) -> String {
 
 const DNSMASQ_LOG: &str = "\
 Nov 22 10:00:00 dnsmasq[812]: started, version 2.90 cachesize 150
-Nov 22 10:00:05 dnsmasq[812]: query[A] api.example.com from 192.0.2.2
+Nov 22 10:00:05 dnsmasq[812]: query[A] api.example.com from 198.51.100.202
 Nov 22 10:00:05 dnsmasq[812]: reply api.example.com is 198.51.100.7
 this line is junk
-Nov 22 10:00:06 dnsmasq[812]: query[A] telemetry.example.net from 192.0.2.2
+Nov 22 10:00:06 dnsmasq[812]: query[A] telemetry.example.net from 198.51.100.202
 Nov 22 10:00:06 dnsmasq[812]: reply telemetry.example.net is 203.0.113.9
 Nov 22 10:00:07 dnsmasq[812]: reply truncated.exam
 ";
@@ -155,7 +155,7 @@ const LEARN_LOG: &str = r#"{"type":"header","schema":"portcullis-learn-log","ver
 {"type":"flow","time":"2026-11-22T10:00:00.125Z","protocol":"tcp","address":"198.51.100.7","port":443,"names":["api.example.com"]}
 {"type":"flow","time":"2026-11-22T10:00:00.130Z","protocol":"tcp","address":"198.51.100.7","port":80,"names":["api.example.com"]}
 not json at all
-{"type":"flow","time":"2026-11-22T10:00:01.000Z","protocol":"udp","address":"192.0.2.9","port":5000,"names":[]}
+{"type":"flow","time":"2026-11-22T10:00:01.000Z","protocol":"udp","address":"198.51.100.209","port":5000,"names":[]}
 {"type":"query","name":"half.example.com"}
 {"type":"end","time":"2026-11-22T10:00:02.000Z","exit_code":0,"queries":1,"flows":3,"flows_lost":0}
 "#;
@@ -183,10 +183,10 @@ domain = "old.example.com"
         stdout(&out),
         "\
 portcullis: replayed 1 query and 3 flow(s): 0 name(s) would be denied, 2 flow(s) would be blocked
-  blocked  192.0.2.9:5000/udp (1 flow(s); no DNS lookup: hard-coded address)
   blocked  198.51.100.7:80/tcp (1 flow(s); resolved from api.example.com, whose rules do not allow 80/tcp)
+  blocked  198.51.100.209:5000/udp (1 flow(s); no DNS lookup: hard-coded address)
 To allow them, add:
-  --allow '192.0.2.9'
+  --allow '198.51.100.209'
   --allow 'api.example.com'
 Rules never used by these logs:
   allow old.example.com
@@ -218,7 +218,7 @@ fn check_passes_when_nothing_is_blocked() {
     let policy = write(
         &dir,
         "policy.toml",
-        "[[allow]]\ndomain = \"api.example.com\"\n[[allow]]\ncidr = \"192.0.2.0/24\"\nports = [5000]\nprotocols = [\"udp\"]\n",
+        "[[allow]]\ndomain = \"api.example.com\"\n[[allow]]\ncidr = \"198.51.100.208/28\"\nports = [5000]\nprotocols = [\"udp\"]\n",
     );
     let out = portcullis(&["policy", "check", &policy, &log, &log]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));

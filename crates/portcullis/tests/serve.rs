@@ -35,7 +35,7 @@ struct Daemon<'w> {
 
 impl<'w> Daemon<'w> {
     fn start(world: &'w World, dir: &Path) -> Daemon<'w> {
-        Self::start_with_pool(world, dir, "192.0.2.0/24")
+        Self::start_with_pool(world, dir, "203.0.113.0/24")
     }
 
     /// `pool4`: where sandboxes get their addresses (50 sandboxes need a /24).
@@ -160,6 +160,13 @@ impl Drop for Daemon<'_> {
                 let name = s["name"].as_str().unwrap_or("");
                 self.local("DELETE", &format!("/1.0/sandboxes/{name}"), None);
             }
+            // Network records live in the run state of the uplink's namespace, which a later
+            // world's namespace may inherit by inode: none may stay behind.
+            let (_, nets) = self.local("GET", "/1.0/networks", None);
+            for n in nets.as_array().into_iter().flatten() {
+                let name = n["name"].as_str().unwrap_or("");
+                self.local("DELETE", &format!("/1.0/networks/{name}"), None);
+            }
         }
         self.kill();
     }
@@ -267,12 +274,12 @@ fn every_role_against_every_endpoint_over_tls() {
     let world = World::new(&Zone::new().a("a.test", A4.parse::<Ipv4Addr>().unwrap(), 300));
     let dir = tempdir(&world, "roles");
     // Sandboxes in the lower half; networks get subnets of the upper one.
-    let d = Daemon::start_with_pool(&world, &dir, "192.0.2.0/25");
+    let d = Daemon::start_with_pool(&world, &dir, "203.0.113.0/25");
     d.create("base", &["a.test"]);
     let (code, v) = d.local(
         "POST",
         "/1.0/networks",
-        Some(r#"{"name": "shared", "subnet4": "192.0.2.192/28"}"#),
+        Some(r#"{"name": "shared", "subnet4": "203.0.113.192/28"}"#),
     );
     assert_eq!(code, 201, "{v}");
     let roles = ["auditor", "user", "operator", "admin"];
@@ -332,7 +339,7 @@ fn every_role_against_every_endpoint_over_tls() {
             (
                 "POST",
                 "/1.0/networks".into(),
-                Some(json!({"name": net, "subnet4": "192.0.2.224/28"}).to_string()),
+                Some(json!({"name": net, "subnet4": "203.0.113.224/28"}).to_string()),
                 "operator",
                 201,
             ),

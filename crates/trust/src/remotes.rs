@@ -221,9 +221,9 @@ mod tests {
         let mut r = Remotes::load(&path).unwrap();
         assert!(r.list().is_empty());
         let added = r
-            .add("prod", "https://192.0.2.1:8443/", &fp.to_uppercase())
+            .add("prod", "https://198.51.100.201:8443/", &fp.to_uppercase())
             .unwrap();
-        assert_eq!(added.url, "https://192.0.2.1:8443");
+        assert_eq!(added.url, "https://198.51.100.201:8443");
         assert_eq!(added.fingerprint, fp);
         let e = r.add("prod", "https://x:1", &fp).unwrap_err().to_string();
         assert!(e.contains("a remote named \"prod\" already exists"), "{e}");

@@ -101,7 +101,7 @@ mod tests {
         let t = JoinToken {
             name: "alice".into(),
             fingerprint: crate::fingerprint(b"server"),
-            addresses: vec!["192.0.2.1:8443".into()],
+            addresses: vec!["198.51.100.201:8443".into()],
             secret: new_secret(),
             expires_at: 1_800_000_000,
         };

@@ -10,7 +10,7 @@
 //!   "counts": {"logs": 1, "queries": 3, "flows": 2, "flows_lost": 0, "names": 2,
 //!              "direct_addresses": 1},
 //!   "rules": [
-//!     {"domain": "api.example.com",          // or "cidr": "192.0.2.9" (an address or CIDR)
+//!     {"domain": "api.example.com",          // or "cidr": "198.51.100.209" (an address or CIDR)
 //!      "ports": [443], "protocols": ["tcp"], // [] and []: any port and protocol; ports with
 //!                                            // protocols []: both tcp and udp
 //!      "provenance": {"first_seen": "...", "queries": 3, "qtypes": ["A", "AAAA"],

@@ -179,7 +179,7 @@ mod tests {
     #[test]
     fn full_file() {
         let c = Config::parse(
-            "state_dir = \"/tmp/pc\"\nlisten = \"127.0.0.1:8443\"\nupstream_dns = [\"192.0.2.53\"]\n\
+            "state_dir = \"/tmp/pc\"\nlisten = \"127.0.0.1:8443\"\nupstream_dns = [\"198.51.100.253\"]\n\
              [pki]\nca = \"/tmp/ca.crt\"\nrole = \"user\"\n[limits]\nmax_body_bytes = 4096\n",
             "x.toml",
         )

@@ -171,7 +171,7 @@ fn set_role() {
 #[test]
 fn join_token_once_only() {
     let (_d, s) = open();
-    let addrs = vec!["192.0.2.1:8443".to_owned()];
+    let addrs = vec!["198.51.100.201:8443".to_owned()];
     let t = s
         .issue_token_at(
             "carol",
