@@ -625,7 +625,10 @@ Nov  2 10:00:05 dnsmasq[1]: config v4only.example is NODATA-IPv6
         assert_eq!(q[0].time, "2026-11-22T09:00:01.250Z");
         assert_eq!(q[0].rcode, "SERVFAIL");
         assert_eq!(q[1].cnames, vec!["b.example"]);
-        assert_eq!(q[1].answers, vec!["198.51.100.201".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            q[1].answers,
+            vec!["198.51.100.201".parse::<IpAddr>().unwrap()]
+        );
     }
 
     #[test]

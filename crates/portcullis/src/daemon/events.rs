@@ -77,6 +77,12 @@ impl Events {
         );
     }
 
+    /// Whether anyone reads the stream: events are built only then (the relay reports every
+    /// query).
+    pub fn wanted(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
+
     pub fn dns(
         &self,
         sandbox: &str,
@@ -116,7 +122,9 @@ pub struct SandboxDecisions {
 
 impl portcullis_relay::DecisionSink for SandboxDecisions {
     fn decided(&self, name: &str, qtype: &str, decision: &str, addresses: &[std::net::IpAddr]) {
-        self.events
-            .dns(&self.sandbox, name, qtype, decision, addresses);
+        if self.events.wanted() {
+            self.events
+                .dns(&self.sandbox, name, qtype, decision, addresses);
+        }
     }
 }

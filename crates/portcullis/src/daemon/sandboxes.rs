@@ -350,17 +350,7 @@ impl Manager {
         let (ports, sockets) = self.bind_relay(&sandbox.addressing, None)?;
         let nflog = NflogGroup::bind_any(crate::session::nflog_candidates(&id))?;
         sandbox.record_nflog_group(nflog.group)?;
-        let statics = crate::session::statics(&policy);
-        let rules = sandbox_ruleset(&SandboxRules {
-            id: &id,
-            addressing: &sandbox.addressing,
-            relay: ports,
-            statics: &statics,
-            nflog_group: nflog.group,
-            learn: false,
-            publish: &publish,
-            bridge: sandbox.network.as_ref().map(|n| n.bridge.as_str()),
-        });
+        let rules = rules_of(&sandbox, ports, &policy, nflog.group, &publish);
         if publish.iter().any(Publish::from_loopback4) {
             let out_link = match &sandbox.network {
                 Some(n) => n.bridge.clone(),
@@ -397,7 +387,7 @@ impl Manager {
         helper.go()?;
         // The keeper sets up its mounts and starts its PID 1; a failure there ends it.
         let pid = helper.child.id();
-        let up = testless_wait(Duration::from_secs(2), || has_children(pid));
+        let up = wait_for(Duration::from_secs(2), || has_children(pid));
         if !up {
             bail!("the sandbox keeper exited while setting up (see the daemon's log)");
         }
@@ -597,32 +587,14 @@ impl Manager {
         let id = SandboxId::parse(&row.id).ok_or_else(|| anyhow!("bad sandbox id"))?;
         // CIDR rules live in the table's egress chain: rewritten first, in one transaction,
         // without touching the sets.
-        let statics = crate::session::statics(&policy);
         let sb = live.sandbox.lock().map_err(|_| anyhow!("poisoned"))?;
         let sb = sb
             .as_ref()
             .ok_or_else(|| anyhow!("sandbox is being deleted"))?;
-        let ports = row.relay_ports.unwrap_or([0; 4]);
+        let ports = ports_of(row.relay_ports.unwrap_or([0; 4]));
         let publish = publishes(&row.publish).map_err(|e| anyhow!("{}", e.message))?;
-        let rules = sandbox_ruleset(&SandboxRules {
-            id: &id,
-            addressing: &sb.addressing,
-            relay: RelayPorts {
-                udp4: ports[0],
-                tcp4: ports[1],
-                udp6: ports[2],
-                tcp6: ports[3],
-            },
-            statics: &statics,
-            nflog_group: row.nflog_group.unwrap_or(0),
-            learn: false,
-            publish: &publish,
-            bridge: sb.network.as_ref().map(|n| n.bridge.as_str()),
-        });
-        apply::apply(
-            &portcullis_kernel::nft::ruleset::replace_chains(&rules, &id.table()),
-            &format!("update nft table {}", id.table()),
-        )?;
+        let rules = rules_of(sb, ports, &policy, row.nflog_group.unwrap_or(0), &publish);
+        replace_rules(&id, &rules)?;
         let revoked = live.ctx.set_policy(policy)?;
         let cut = if revoked.keys.is_empty() {
             0
@@ -771,21 +743,8 @@ impl Manager {
             let mut row = row;
             if moved {
                 let publish = publishes(&row.publish).map_err(|e| anyhow!("{}", e.message))?;
-                let statics = crate::session::statics(&policy);
-                let rules = sandbox_ruleset(&SandboxRules {
-                    id,
-                    addressing: &sandbox.addressing,
-                    relay: ports,
-                    statics: &statics,
-                    nflog_group: nflog.group,
-                    learn: false,
-                    publish: &publish,
-                    bridge: sandbox.network.as_ref().map(|n| n.bridge.as_str()),
-                });
-                apply::apply(
-                    &portcullis_kernel::nft::ruleset::replace_chains(&rules, &id.table()),
-                    &format!("update nft table {}", id.table()),
-                )?;
+                let rules = rules_of(&sandbox, ports, &policy, nflog.group, &publish);
+                replace_rules(id, &rules)?;
                 row.relay_ports = Some([ports.udp4, ports.tcp4, ports.udp6, ports.tcp6]);
                 row.nflog_group = Some(nflog.group);
                 sandbox.record_nflog_group(nflog.group)?;
@@ -858,12 +817,51 @@ struct RelaySockets {
     tcp6: tokio::net::TcpListener,
 }
 
+/// The ruleset of a daemon's sandbox (never learning): one place for create, swap, restore.
+fn rules_of(
+    sandbox: &Sandbox,
+    ports: RelayPorts,
+    policy: &Policy,
+    nflog_group: u16,
+    publish: &[Publish],
+) -> String {
+    let statics = crate::session::statics(policy);
+    sandbox_ruleset(&SandboxRules {
+        id: &sandbox.id,
+        addressing: &sandbox.addressing,
+        relay: ports,
+        statics: &statics,
+        nflog_group,
+        learn: false,
+        publish,
+        bridge: sandbox.network.as_ref().map(|n| n.bridge.as_str()),
+    })
+}
+
+/// Applies a new ruleset to a live sandbox table: chains replaced, sets kept.
+fn replace_rules(id: &SandboxId, rules: &str) -> anyhow::Result<()> {
+    apply::apply(
+        &portcullis_kernel::nft::ruleset::replace_chains(rules, &id.table()),
+        &format!("update nft table {}", id.table()),
+    )?;
+    Ok(())
+}
+
+fn ports_of(p: [u16; 4]) -> RelayPorts {
+    RelayPorts {
+        udp4: p[0],
+        tcp4: p[1],
+        udp6: p[2],
+        tcp6: p[3],
+    }
+}
+
 fn has_children(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .is_ok_and(|s| !s.trim().is_empty())
 }
 
-fn testless_wait(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
     loop {
         if f() {
@@ -892,12 +890,12 @@ fn stop_keeper(pid: u32, started: u64) {
         return;
     }
     let _ = kill(p, Signal::SIGTERM);
-    if !testless_wait(Duration::from_secs(2), || {
+    if !wait_for(Duration::from_secs(2), || {
         reap();
         !alive()
     }) {
         let _ = kill(p, Signal::SIGKILL);
-        testless_wait(Duration::from_secs(2), || {
+        wait_for(Duration::from_secs(2), || {
             reap();
             !alive()
         });
