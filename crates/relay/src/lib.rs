@@ -11,6 +11,8 @@ pub mod answer;
 pub mod cache;
 pub mod sandbox;
 pub mod server;
+pub mod tap;
 pub mod upstream;
 
-pub use sandbox::{DnsReport, Observed, QueryObserver, RelayConfig, SandboxCtx};
+pub use sandbox::{AnswerOutcome, DnsReport, Observed, QueryObserver, RelayConfig, SandboxCtx};
+pub use tap::{DnsTap, TapEvent, TapKind};
