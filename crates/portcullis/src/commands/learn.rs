@@ -296,6 +296,7 @@ pub fn learn(args: LearnArgs, state_dir: Option<PathBuf>) -> Result<i32, Failure
             policy: Arc::new(Policy::default()),
             publish: opts.publish.clone(),
             network: opts.network.clone(),
+            dnstap: opts.dnstap.clone(),
             learn: Some(recorder.clone()),
             on_packet: Box::new(move |p| rec2.flow(p)),
         },

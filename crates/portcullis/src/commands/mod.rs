@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 mod cleanup;
+mod dnstap;
 mod docs;
 mod learn;
 mod network;
@@ -18,6 +19,7 @@ pub fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Policy(cmd) => policy::policy(cmd),
         Command::Cleanup => cleanup::cleanup(cli.state_dir),
         Command::Network(cmd) => network::network(cmd, cli.state_dir),
+        Command::Dnstap(cmd) => dnstap::dnstap(cmd, cli.state_dir),
         Command::Completions { shell } => docs::completions(shell),
         Command::Man => docs::man(),
     }

@@ -36,6 +36,7 @@ pub fn run(args: RunArgs, state_dir: Option<PathBuf>) -> Result<i32, Failure> {
         policy: opts.policy.clone(),
         publish: opts.publish.clone(),
         network: opts.network.clone(),
+        dnstap: opts.dnstap.clone(),
         learn: None,
         on_packet,
     };
