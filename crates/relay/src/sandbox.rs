@@ -447,7 +447,14 @@ impl SandboxCtx {
         let qtype = question.query_type;
         let name = shown(&qname);
         let denied = |via: Option<String>| {
-            tracing::info!(target: "portcullis::dns", sandbox = %self.label, name = %name, qtype = %qtype, decision = "denied", via = via.as_deref().unwrap_or(""), "denied");
+            match via {
+                Some(via) => {
+                    tracing::info!(target: "portcullis::dns", sandbox = %self.label, name = %name, qtype = %qtype, decision = "denied", via = %via, "denied: CNAME into a denied name")
+                }
+                None => {
+                    tracing::info!(target: "portcullis::dns", sandbox = %self.label, name = %name, qtype = %qtype, decision = "denied", "denied")
+                }
+            }
             self.note(|r| DnsReport::count(&mut r.denied, &mut r.unlisted, name.clone()));
             AnswerOutcome::Denied { name: name.clone() }
         };
