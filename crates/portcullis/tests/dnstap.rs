@@ -472,3 +472,99 @@ print(json.dumps({"trials": n, "slow_connects": slow}))
         "every name was opened"
     );
 }
+
+#[test]
+fn a_gone_collector_costs_the_run_nothing_but_a_warning() {
+    let world = World::new(&zone());
+    let dir = tempfile::tempdir().unwrap();
+    let gone = dir.path().join("nobody-listens.sock");
+    let started = std::time::Instant::now();
+    let out = run(
+        &world,
+        &[
+            "--dnstap",
+            &format!("unix:{}", gone.display()),
+            "--allow",
+            "ok.test",
+        ],
+        &["dig", "+short", "+tries=1", "+time=3", "ok.test", "A"],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).contains(OK4), "answered as without --dnstap");
+    let err = stderr(&out);
+    assert!(
+        err.contains("dnstap collector unreachable"),
+        "a warning says so: {err}"
+    );
+    assert!(
+        err.matches("dnstap collector unreachable").count() == 1,
+        "once per streak, not per attempt: {err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the end of the run waits at most 2 s for the sink"
+    );
+}
+
+fn portcullis_in(world: &World, args: &[&str]) -> std::process::Output {
+    let out = world
+        .uplink_cmd(env!("CARGO_BIN_EXE_portcullis"))
+        .args(args)
+        .output()
+        .unwrap();
+    eprintln!(
+        "--- exit {:?}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn bad_dnstap_arguments_are_one_line_usage_errors() {
+    let world = World::new(&zone());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("c.sock");
+    let sock = sock.to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["run", "--dnstap", "ftp:x", "--", "true"],
+            "invalid dnstap destination \"ftp:x\"",
+        ),
+        (
+            &["run", "--dnstap", "tcp:localhost", "--", "true"],
+            "is not ADDR:PORT",
+        ),
+        (&["dnstap", "listen", "--socket", sock], "no target"),
+        (
+            &[
+                "dnstap",
+                "listen",
+                "--socket",
+                sock,
+                "--subnet",
+                "198.51.100.0/24",
+            ],
+            "expected CIDR=TABLE",
+        ),
+        (
+            &[
+                "dnstap",
+                "listen",
+                "--socket",
+                sock,
+                "--sandbox",
+                "0a1b2c3d",
+            ],
+            "no such sandbox",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = portcullis_in(&world, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert!(!Path::new(sock).exists(), "nothing listened");
+}

@@ -82,18 +82,21 @@ fn table_name_ok(t: &str) -> bool {
 }
 
 /// `--sandbox ID|TABLE`: the sandbox's table and its own addresses, from the state directory.
-fn sandbox_target(state: &StateDir, name: &str) -> anyhow::Result<(String, Vec<IpNet>)> {
+fn sandbox_target(state: Option<&StateDir>, name: &str) -> anyhow::Result<(String, Vec<IpNet>)> {
     let id = SandboxId::parse(name)
         .or_else(|| SandboxId::from_table(name))
         .ok_or_else(|| {
             anyhow!("--sandbox {name:?}: not a sandbox id (8 hex digits) or table portcullis_<id>")
         })?;
-    let records = state.sandboxes().context("read the state directory")?;
+    let records = match state {
+        Some(s) => s.sandboxes().context("read the state directory")?,
+        None => Vec::new(),
+    };
     let Some((rec, alive)) = records.into_iter().find(|(r, _)| r.id == id) else {
         bail!(
-            "--sandbox {name}: no such sandbox in {} (see `nft list tables`; a sandbox of another \
-             namespace needs that namespace's --state-dir)",
-            state.root().display()
+            "--sandbox {name}: no such sandbox in this network namespace (`portcullis run` \
+             prints its table in --log-format json; a sandbox of another namespace needs that \
+             namespace's --state-dir)"
         );
     };
     if !alive {
@@ -139,9 +142,9 @@ fn targets(
         add(table.to_owned(), vec![net.trunc()]);
     }
     if !args.sandbox.is_empty() {
-        let state = StateDir::open(state_dir).context("open the state directory")?;
+        let state = StateDir::existing(state_dir).context("find the state directory")?;
         for name in &args.sandbox {
-            let (table, nets) = sandbox_target(&state, name)?;
+            let (table, nets) = sandbox_target(state.as_ref(), name)?;
             add(table, nets);
         }
     }
@@ -163,17 +166,17 @@ fn listen_cmd(args: DnstapListenArgs, state_dir: Option<PathBuf>) -> Result<i32,
             ),
         ));
     }
-    if policy.rules.is_empty() {
-        tracing::warn!(
-            "no --allow, --allow-file or --policy: every name is denied, nothing will be opened"
-        );
-    }
     let addr = match (&args.socket, args.tcp) {
         (Some(p), _) => ListenAddr::Unix(p.clone()),
         (None, Some(a)) => ListenAddr::Tcp(a),
         (None, None) => return Err(fail(USAGE, "name --socket PATH or --tcp ADDR:PORT")),
     };
     let list = targets(&args, state_dir).code(USAGE)?;
+    if policy.rules.is_empty() {
+        tracing::warn!(
+            "no --allow, --allow-file or --policy: every name is denied, nothing will be opened"
+        );
+    }
     require_net_admin()?;
     let writer: Arc<dyn SetWriter> = Arc::new(NetlinkSetWriter::open().code(FAILED)?);
     let policy = Arc::new(policy);
@@ -241,5 +244,69 @@ fn require_net_admin() -> Result<(), Failure> {
             NO_PERMISSION,
             "missing privileges: CAP_NET_ADMIN (run portcullis as root, e.g. with sudo)",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn args(extra: &[&str]) -> DnstapListenArgs {
+        let mut argv = vec!["portcullis", "dnstap", "listen", "--socket", "c.sock"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Dnstap(DnstapCommand::Listen(a)) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn subnets_group_by_table_in_order() {
+        let a = args(&[
+            "--subnet",
+            "198.51.100.7/24=t1",
+            "--subnet",
+            "203.0.113.9=t2",
+            "--subnet",
+            "2001:db8::/32=t1",
+        ]);
+        let t = targets(&a, None).unwrap();
+        let shown: Vec<(String, Vec<String>)> = t
+            .into_iter()
+            .map(|(t, n)| (t, n.iter().map(ToString::to_string).collect()))
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                (
+                    "t1".into(),
+                    vec!["198.51.100.0/24".into(), "2001:db8::/32".into()]
+                ),
+                ("t2".into(), vec!["203.0.113.9/32".into()]),
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_targets_are_refused_precisely() {
+        for (extra, want) in [
+            (&["--subnet", "x=t"][..], "\"x\" is not an address or CIDR"),
+            (
+                &["--subnet", "198.51.100.0/24=t;drop"][..],
+                "is not an nftables table name",
+            ),
+            (&["--sandbox", "nope"][..], "not a sandbox id"),
+            (&[][..], "no target"),
+        ] {
+            let e = targets(&args(extra), Some("/nonexistent-portcullis-state".into()))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{extra:?}: {e}");
+        }
     }
 }
