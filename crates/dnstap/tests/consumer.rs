@@ -191,3 +191,88 @@ async fn a_collector_that_never_reads_never_makes_send_wait() {
     sink.close(Duration::from_millis(200)).await;
     stuck.abort();
 }
+
+/// Reads frames from `s` until `until` says stop; returns how many data frames came.
+async fn read_frames(s: &mut UnixStream, mut until: impl FnMut(&Frame, u64) -> bool) -> u64 {
+    let mut buf = BytesMut::new();
+    let mut data = 0;
+    loop {
+        while let Ok(Some((f, used))) = fstrm::decode(&buf, 1 << 20) {
+            let _ = bytes::Buf::advance(&mut buf, used);
+            if matches!(f, Frame::Data(_)) {
+                data += 1;
+            }
+            if until(&f, data) {
+                return data;
+            }
+        }
+        if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+            return data;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_reconnects_after_the_collector_drops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("flaky.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel();
+    let collector = tokio::spawn(async move {
+        // First connection: handshake, two messages, then gone.
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut ready = [0u8; 42];
+        s.read_exact(&mut ready).await.unwrap();
+        s.write_all(&wire(&[ctl(ControlType::Accept)]))
+            .await
+            .unwrap();
+        read_frames(&mut s, |_, n| n == 2).await;
+        drop(s);
+        let _ = dropped_tx.send(());
+        // Second connection: everything until STOP, answered with FINISH.
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.read_exact(&mut ready).await.unwrap();
+        s.write_all(&wire(&[ctl(ControlType::Accept)]))
+            .await
+            .unwrap();
+        let n = read_frames(
+            &mut s,
+            |f, _| matches!(f, Frame::Control(c) if c.kind == ControlType::Stop),
+        )
+        .await;
+        s.write_all(&wire(&[Frame::Control(Control::bare(ControlType::Finish))]))
+            .await
+            .unwrap();
+        n
+    });
+    let sink = Sink::spawn(
+        Destination::Unix(sock),
+        SinkOptions {
+            backoff_min: Duration::from_millis(20),
+            ..SinkOptions::default()
+        },
+    );
+    let m = common::messages("pc-test").pop().unwrap();
+    sink.send(&m);
+    sink.send(&m);
+    dropped_rx.await.unwrap();
+    // Writes into the dropped connection fail (some may vanish first): keep sending until the
+    // second connection is up.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while sink.stats().connections.load(Ordering::Relaxed) < 2 {
+                sink.send(&m);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .is_ok(),
+        "no reconnection"
+    );
+    for _ in 0..3 {
+        sink.send(&m);
+    }
+    sink.close(Duration::from_secs(5)).await;
+    let second = collector.await.unwrap();
+    assert!(second >= 3, "{second} messages after reconnecting");
+}
