@@ -198,7 +198,7 @@ async fn read_frames(s: &mut UnixStream, mut until: impl FnMut(&Frame, u64) -> b
     let mut data = 0;
     loop {
         while let Ok(Some((f, used))) = fstrm::decode(&buf, 1 << 20) {
-            let _ = bytes::Buf::advance(&mut buf, used);
+            bytes::Buf::advance(&mut buf, used);
             if matches!(f, Frame::Data(_)) {
                 data += 1;
             }

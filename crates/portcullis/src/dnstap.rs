@@ -77,6 +77,7 @@ impl DnsTap for SinkTap {
             response: e.response,
             response_time: e.response_time,
         };
-        self.sink.send(&message::build(&event));
+        // Encoded only when the queue has room: a stuck collector costs one atomic load.
+        self.sink.send_with(|| message::encode_event(&event));
     }
 }

@@ -36,7 +36,13 @@ pub fn init(cli: &Cli) {
     if json {
         builder.json().flatten_event(true).init();
     } else {
-        builder.without_time().with_target(false).init();
+        // Colours only for a terminal: a log file or a pipe gets plain `key=value` fields.
+        use std::io::IsTerminal as _;
+        builder
+            .without_time()
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+            .init();
     }
 }
 
