@@ -568,3 +568,67 @@ fn bad_dnstap_arguments_are_one_line_usage_errors() {
     }
     assert!(!Path::new(sock).exists(), "nothing listened");
 }
+
+/// The state directory of the world's uplink (`/run/portcullis/net-<inode>`).
+fn uplink_state_dir(world: &World) -> std::path::PathBuf {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = std::fs::metadata(format!("/run/netns/{}", world.uplink_ns()))
+        .unwrap()
+        .ino();
+    std::path::PathBuf::from(format!("/run/portcullis/net-{ino}"))
+}
+
+#[test]
+fn the_consumer_finds_a_running_sandbox_by_its_id() {
+    let world = World::new(&zone());
+    let mut sandbox = KillOnDrop::spawn(&mut run_cmd(
+        &world,
+        &["--allow", "ok.test"],
+        &["sleep", "20"],
+    ));
+    let state = uplink_state_dir(&world);
+    let mut id = String::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let found = std::fs::read_dir(&state).ok().and_then(|d| {
+                d.flatten().find_map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    let rec: serde_json::Value =
+                        serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
+                    (n.ends_with(".json") && rec["addressing"].is_object())
+                        .then(|| n.trim_end_matches(".json").to_owned())
+                })
+            });
+            found.map(|f| id = f).is_some()
+        }),
+        "no sandbox record in {}",
+        state.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("consumer.sock");
+    for name in [id.clone(), format!("portcullis_{id}")] {
+        let mut c = world.uplink_cmd(env!("CARGO_BIN_EXE_portcullis"));
+        c.args(["--log-format", "json", "dnstap", "listen", "--socket"])
+            .arg(&sock)
+            .args(["--allow", "ok.test", "--sandbox", &name]);
+        let mut consumer = KillOnDrop::spawn(&mut c);
+        assert!(wait_until(Duration::from_secs(10), || sock.exists()));
+        nix_term(consumer.pid());
+        let out = consumer.output_within(Duration::from_secs(10));
+        assert_eq!(out.status.code(), Some(0));
+        let target: serde_json::Value = stderr(&out)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|e| e["event"] == "dnstap_target")
+            .unwrap();
+        assert_eq!(target["sandbox"], format!("portcullis_{id}"));
+        let clients = target["clients"].as_str().unwrap();
+        assert!(
+            clients.starts_with("203.0.113.") && clients.contains(",2001:db8:fffe:"),
+            "the sandbox's own two addresses, in the test pools: {clients}"
+        );
+        assert!(!sock.exists(), "the socket is removed on exit");
+    }
+    nix_term(sandbox.pid());
+    let _ = sandbox.output_within(Duration::from_secs(10));
+}
