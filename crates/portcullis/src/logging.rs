@@ -23,7 +23,7 @@ pub fn init(cli: &Cli) {
     let level = match (cli.verbose, json) {
         (0, false) => "warn",
         (0, true) => {
-            "warn,portcullis::dns=info,portcullis::flow=info,portcullis::lifecycle=info,portcullis::dnstap=info"
+            "warn,portcullis::dns=info,portcullis::flow=info,portcullis::lifecycle=info,portcullis::dnstap=info,portcullis::notice=info"
         }
         (1, _) => "info",
         _ => "debug",
@@ -58,6 +58,19 @@ pub fn fatal(message: &str, code: i32) {
         tracing::error!(target: LIFECYCLE, event = "failed", exit_code = code, error = %message, "portcullis failed");
     } else {
         eprintln!("portcullis: {message}");
+    }
+}
+
+/// A line a command prints for its user on stderr (`portcullis: TEXT`), such as what
+/// `cleanup` removed or a warning about a learn log: in JSON, an event of target
+/// `portcullis::notice` at `level` whose `message` is TEXT.
+pub fn notice(level: tracing::Level, text: &str) {
+    if !is_json() {
+        eprintln!("portcullis: {text}");
+    } else if level == tracing::Level::WARN {
+        tracing::warn!(target: "portcullis::notice", "{text}");
+    } else {
+        tracing::info!(target: "portcullis::notice", "{text}");
     }
 }
 
