@@ -330,10 +330,20 @@ fn dig(world: &World, name: &str, rtype: &str) -> String {
 
 /// Starts `portcullis dnstap listen` in the uplink for clients on 127.0.0.1 of `table`.
 fn start_consumer(world: &World, sock: &Path, table: &str, extra: &[&str]) -> KillOnDrop {
+    start_consumer_for(world, sock, "127.0.0.1/32", table, extra)
+}
+
+fn start_consumer_for(
+    world: &World,
+    sock: &Path,
+    subnet: &str,
+    table: &str,
+    extra: &[&str],
+) -> KillOnDrop {
     let mut c = world.uplink_cmd(env!("CARGO_BIN_EXE_portcullis"));
     c.args(["--log-format", "json", "dnstap", "listen", "--socket"])
         .arg(sock)
-        .args(["--subnet", &format!("127.0.0.1/32={table}")])
+        .args(["--subnet", &format!("{subnet}={table}")])
         .args(extra);
     let consumer = KillOnDrop::spawn(&mut c);
     assert!(
@@ -631,4 +641,122 @@ fn the_consumer_finds_a_running_sandbox_by_its_id() {
     }
     nix_term(sandbox.pid());
     let _ = sandbox.output_within(Duration::from_secs(10));
+}
+
+/// Three bad producers, one after the other: garbage instead of a handshake, a frame length
+/// of 1 GiB, and a stream cut in the middle of a frame.
+const BAD_PRODUCERS: &str = r#"
+import socket, struct, sys
+path = sys.argv[1]
+ct = b"protobuf:dnstap.Dnstap"
+def control(kind):
+    return struct.pack(">III", 0, 4 + 8 + len(ct), kind) + struct.pack(">II", 1, len(ct)) + ct
+def producer(payload, handshake):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(path)
+    if handshake:
+        s.sendall(control(4))  # READY
+        s.recv(42, socket.MSG_WAITALL)  # ACCEPT
+        s.sendall(control(2))  # START
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+    while s.recv(4096):  # until the consumer closes
+        pass
+    s.close()
+producer(b"GET / HTTP/1.1\r\n\r\n", False)
+producer(struct.pack(">I", 1 << 30), True)
+producer(struct.pack(">I", 100) + b"x" * 10, True)
+"#;
+
+/// The relay's own dnstap file, replayed by Debian's `fstrm_replay` into the consumer after
+/// three bad producers: the consumer logs each bad one as an error, keeps running, and opens
+/// the address of the allowed name the relay answered to its sandbox's client.
+#[test]
+fn the_consumer_survives_bad_producers_and_takes_a_replayed_relay_stream() {
+    let world = World::new(&zone());
+    let table = format!("dnstap_{}", world.prefix().replace('-', "_"));
+    create_target_table(&world, &table);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("relay.dnstap");
+    let out = run(
+        &world,
+        &[
+            "--dnstap",
+            &format!("file:{}", file.display()),
+            "--allow",
+            "ok.test",
+        ],
+        &["sh", "-c", TWO_LOOKUPS],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let sock = dir.path().join("consumer.sock");
+    // The sandbox's client address is in the test pool.
+    let mut consumer =
+        start_consumer_for(&world, &sock, World::POOL4, &table, &["--allow", "ok.test"]);
+    let bad = Command::new("/usr/bin/python3")
+        .args(["-I", "-c", BAD_PRODUCERS])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(
+        bad.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let replay = tool("fstrm_replay", "fstrm-bin")
+        .args(["-t", "protobuf:dnstap.Dnstap", "-u"])
+        .arg(&sock)
+        .arg("-r")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        replay.status.success(),
+        "fstrm_replay: {}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || set_elements(
+            &world, &table, "allow4"
+        ) == [OK4]),
+        "allow4: {:?}",
+        set_elements(&world, &table, "allow4")
+    );
+    nix_term(consumer.pid());
+    let out = consumer.output_within(Duration::from_secs(10));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "still running until told to stop"
+    );
+    let events: Vec<serde_json::Value> = stderr(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    let rejected: Vec<String> = events
+        .iter()
+        .filter(|e| e["message"] == "dnstap connection rejected")
+        .inspect(|e| assert_eq!(e["level"], "ERROR"))
+        .map(|e| e["error"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(rejected.len(), 3, "{rejected:?}");
+    // Each producer's error, in whatever order the connections' tasks logged them.
+    for want in [
+        "data frame of 1195725856 bytes exceeds the limit", // "GET " as a length
+        "data frame of 1073741824 bytes exceeds the limit of 262144",
+        "stream truncated: 14 bytes left over, an incomplete frame of 104 bytes",
+    ] {
+        assert!(
+            rejected.iter().any(|r| r.contains(want)),
+            "{want:?} in {rejected:?}"
+        );
+    }
+    let stopped = events
+        .iter()
+        .find(|e| e["event"] == "dnstap_stopped")
+        .unwrap();
+    assert_eq!(stopped["connections"], 4);
+    assert_eq!(stopped["protocol_errors"], 3);
+    assert!(stopped["messages"].as_u64().unwrap() >= 6, "{stopped}");
 }
