@@ -145,7 +145,16 @@ pub struct DnstapListenArgs {
         conflicts_with = "tcp"
     )]
     pub socket: Option<PathBuf>,
-    /// Listen on this TCP address.
+    /// Permissions of the --socket file, in octal. Whoever may write to it can make the
+    /// consumer open addresses (for names the policy allows): give access to the resolver only.
+    #[arg(long, value_name = "MODE", default_value = "600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+    /// Group of the --socket file (a resolver that runs as its own user, such as unbound,
+    /// connects through it with --socket-mode 660).
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// Listen on this TCP address. dnstap has no authentication: bind to loopback or to an
+    /// address only the resolver reaches.
     #[arg(long, value_name = "ADDR:PORT")]
     pub tcp: Option<std::net::SocketAddr>,
     /// A running sandbox (its id, or its table portcullis_<id>): answers to its address open
@@ -294,4 +303,12 @@ pub enum PolicyCommand {
         #[arg(required = true, value_name = "LOG")]
         logs: Vec<PathBuf>,
     },
+}
+
+/// An octal file mode such as 600 or 0660 (permission bits only).
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal file mode such as 600 or 660"))
 }

@@ -621,8 +621,23 @@ fn the_consumer_finds_a_running_sandbox_by_its_id() {
         c.args(["--log-format", "json", "dnstap", "listen", "--socket"])
             .arg(&sock)
             .args(["--allow", "ok.test", "--sandbox", &name]);
+        if name.starts_with("portcullis_") {
+            c.args(["--socket-mode", "660", "--socket-group", "0"]);
+        }
         let mut consumer = KillOnDrop::spawn(&mut c);
-        assert!(wait_until(Duration::from_secs(10), || sock.exists()));
+        // Connecting needs write access: only root by default, the group too when asked.
+        let want = if name.starts_with("portcullis_") {
+            0o660
+        } else {
+            0o600
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::metadata(&sock).is_ok_and(|m| m.permissions().mode() & 0o777 == want)
+            }),
+            "socket mode"
+        );
         nix_term(consumer.pid());
         let out = consumer.output_within(Duration::from_secs(10));
         assert_eq!(out.status.code(), Some(0));

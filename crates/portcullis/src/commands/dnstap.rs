@@ -172,6 +172,12 @@ fn listen_cmd(args: DnstapListenArgs, state_dir: Option<PathBuf>) -> Result<i32,
         (None, None) => return Err(fail(USAGE, "name --socket PATH or --tcp ADDR:PORT")),
     };
     let list = targets(&args, state_dir).code(USAGE)?;
+    let gid = args
+        .socket_group
+        .as_deref()
+        .map(resolve_group)
+        .transpose()
+        .code(USAGE)?;
     if policy.rules.is_empty() {
         tracing::warn!(
             "no --allow, --allow-file or --policy: every name is denied, nothing will be opened"
@@ -204,6 +210,13 @@ fn listen_cmd(args: DnstapListenArgs, state_dir: Option<PathBuf>) -> Result<i32,
         .with_context(|| format!("listen on {addr}"))
         .code(FAILED)?;
     let bound = listener.local_addr().unwrap_or(addr.clone());
+    if let ListenAddr::Unix(p) = &bound {
+        // Until now the socket had the umask's mode: never more than its owner could write.
+        if let Err(e) = socket_access(p, args.socket_mode, gid) {
+            let _ = std::fs::remove_file(p);
+            return Err(e).code(FAILED);
+        }
+    }
     let stats = Arc::new(ListenStats::default());
     let opts = ListenOptions {
         max_frame: args.max_frame,
@@ -232,6 +245,32 @@ fn listen_cmd(args: DnstapListenArgs, state_dir: Option<PathBuf>) -> Result<i32,
         "dnstap consumer stopped"
     );
     Ok(0)
+}
+
+/// `--socket-group`: a group name or number.
+fn resolve_group(g: &str) -> anyhow::Result<nix::unistd::Gid> {
+    match g.parse::<u32>() {
+        Ok(n) => Ok(nix::unistd::Gid::from_raw(n)),
+        Err(_) => Ok(nix::unistd::Group::from_name(g)
+            .with_context(|| format!("look up group {g}"))?
+            .ok_or_else(|| anyhow!("--socket-group {g}: no such group"))?
+            .gid),
+    }
+}
+
+/// Sets the socket file's group and mode: connecting to a UNIX socket needs write access.
+fn socket_access(
+    path: &std::path::Path,
+    mode: u32,
+    gid: Option<nix::unistd::Gid>,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(gid) = gid {
+        nix::unistd::chown(path, None, Some(gid))
+            .with_context(|| format!("chgrp {gid} {}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {}", path.display()))
 }
 
 /// Writing set elements needs CAP_NET_ADMIN (nothing else).
