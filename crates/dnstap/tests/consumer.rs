@@ -276,3 +276,35 @@ async fn the_writer_reconnects_after_the_collector_drops_it() {
     let second = collector.await.unwrap();
     assert!(second >= 3, "{second} messages after reconnecting");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_serves_tcp_producers_too() {
+    let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let ListenAddr::Tcp(addr) = listener.local_addr().unwrap() else {
+        panic!("not TCP")
+    };
+    let stats = Arc::new(ListenStats::default());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let handler: listen::Handler = Arc::new(move |_, m| {
+        seen2.lock().unwrap().push(m);
+    });
+    let server = tokio::spawn(listen::serve(
+        listener,
+        ListenOptions::default(),
+        handler,
+        stats.clone(),
+    ));
+    let sink = Sink::spawn(Destination::Tcp(addr), SinkOptions::default());
+    let sent = common::messages("pc-tcp");
+    for m in &sent {
+        sink.send(m);
+    }
+    sink.close(Duration::from_secs(5)).await;
+    assert!(common::wait_for(5, || seen.lock().unwrap().len() == 4));
+    assert_eq!(*seen.lock().unwrap(), sent, "every field arrives as sent");
+    assert_eq!(stats.protocol_errors.load(Ordering::Relaxed), 0);
+    server.abort();
+}

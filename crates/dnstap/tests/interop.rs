@@ -133,3 +133,42 @@ fn nix_kill(pid: u32) -> std::io::Result<()> {
         Err(std::io::Error::other("kill failed"))
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn fstrm_capture_receives_the_tcp_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("captured-tcp.dnstap");
+    // A free port on loopback (released just before fstrm_capture takes it).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut capture = Capture(
+        tool("fstrm_capture", "fstrm-bin")
+            .args(["-t", "protobuf:dnstap.Dnstap", "-a", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .arg("-w")
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    assert!(
+        common::wait_for(10, || std::net::TcpStream::connect(addr).is_ok()),
+        "fstrm_capture did not listen on {addr}"
+    );
+    let sink = Sink::spawn(Destination::Tcp(addr), SinkOptions::default());
+    for _ in 0..2 {
+        for m in common::messages("pc-test") {
+            sink.send(&m);
+        }
+    }
+    sink.close(Duration::from_secs(5)).await;
+    assert_eq!(sink.stats().written.load(Ordering::Relaxed), 8);
+    let _ = nix_kill(capture.0.id());
+    let _ = capture.0.wait();
+    check_decoded(&dnstap_read(&out), 2);
+}
