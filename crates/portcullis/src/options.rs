@@ -34,6 +34,24 @@ pub struct RunOptions {
     pub cmd: Vec<String>,
 }
 
+/// `--dnstap`: a file's directory must exist (a collector may start after the run does).
+fn dnstap(a: &crate::cli::SandboxArgs) -> anyhow::Result<Option<portcullis_dnstap::Destination>> {
+    if let Some(portcullis_dnstap::Destination::File(p)) = &a.dnstap {
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            bail!(
+                "--dnstap file:{}: directory {} does not exist",
+                p.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(a.dnstap.clone())
+}
+
 /// Parses `--network NAME`.
 fn network(a: &crate::cli::SandboxArgs) -> anyhow::Result<Option<NetworkName>> {
     let Some(name) = &a.network else {
@@ -282,7 +300,7 @@ impl LearnOptions {
             format: format(a.write.format),
             collapse: a.write.collapse.map(|n| n as usize),
             log: a.log,
-            dnstap: a.sandbox.dnstap.clone(),
+            dnstap: dnstap(&a.sandbox)?,
             cmd: a.cmd,
         })
     }
@@ -357,7 +375,7 @@ impl RunOptions {
             pool4: a.sandbox.pool4,
             pool6: a.sandbox.pool6,
             network: network(&a.sandbox)?,
-            dnstap: a.sandbox.dnstap.clone(),
+            dnstap: dnstap(&a.sandbox)?,
             cmd: a.cmd,
         })
     }

@@ -536,7 +536,17 @@ fn bad_dnstap_arguments_are_one_line_usage_errors() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("c.sock");
     let sock = sock.to_str().unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &[
+                "run",
+                "--dnstap",
+                "file:/nonexistent-dir/x.dnstap",
+                "--",
+                "true",
+            ],
+            "directory /nonexistent-dir does not exist",
+        ),
         (
             &["run", "--dnstap", "ftp:x", "--", "true"],
             "invalid dnstap destination \"ftp:x\"",
