@@ -113,3 +113,23 @@ fn a_json_run_logs_one_object_per_event_with_the_documented_fields() {
     assert!(pos(&started) < pos(&exited));
     assert!(pos(&exited) < pos(&torn));
 }
+
+#[test]
+fn a_failure_in_json_is_one_failed_event() {
+    let world = World::new(&Zone::new());
+    let out = run(
+        &world,
+        &["--log-format", "json", "--allow", "ok.test"],
+        &["/nonexistent/cmd"],
+    );
+    assert_eq!(out.status.code(), Some(127));
+    let err = stderr(&out);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    let e: Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(e["target"], "portcullis::lifecycle");
+    assert_eq!(e["event"], "failed");
+    assert_eq!(e["level"], "ERROR");
+    assert_eq!(e["exit_code"], 127);
+    assert_eq!(e["error"], "command not found: /nonexistent/cmd");
+}
