@@ -87,15 +87,26 @@ impl<'de> serde::Deserialize<'de> for SandboxId {
 impl StateDir {
     /// `explicit`, else `$PORTCULLIS_STATE_DIR`, else the per-namespace default.
     pub fn open(explicit: Option<PathBuf>) -> Result<Self> {
-        let root = match explicit
-            .or_else(|| std::env::var_os("PORTCULLIS_STATE_DIR").map(PathBuf::from))
-        {
-            Some(p) => p,
-            None => PathBuf::from(format!("/run/portcullis/net-{}", netns::current_id()?)),
-        };
+        let root = Self::root_path(explicit)?;
         std::fs::create_dir_all(&root)
             .map_err(|e| Error::io(format!("create state directory {}", root.display()), e))?;
         Ok(StateDir { root })
+    }
+
+    /// The state directory if it exists, without creating it (read-only lookups, such as
+    /// `dnstap listen --sandbox`, must leave nothing behind).
+    pub fn existing(explicit: Option<PathBuf>) -> Result<Option<Self>> {
+        let root = Self::root_path(explicit)?;
+        Ok(root.is_dir().then_some(StateDir { root }))
+    }
+
+    fn root_path(explicit: Option<PathBuf>) -> Result<PathBuf> {
+        Ok(
+            match explicit.or_else(|| std::env::var_os("PORTCULLIS_STATE_DIR").map(PathBuf::from)) {
+                Some(p) => p,
+                None => PathBuf::from(format!("/run/portcullis/net-{}", netns::current_id()?)),
+            },
+        )
     }
 
     pub fn root(&self) -> &Path {

@@ -66,6 +66,9 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// dnstap: open addresses in sandboxes' sets from the answers an external resolver logs.
+    #[command(subcommand)]
+    Dnstap(DnstapCommand),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -132,6 +135,72 @@ pub struct SandboxArgs {
     /// allows their addresses.
     #[arg(long, value_name = "NAME")]
     pub network: Option<String>,
+    /// Send the relay's DNS messages (client and forwarder queries and responses) as dnstap
+    /// over Frame Streams: to a collector's UNIX socket or TCP port, or into a file. A slow or
+    /// gone collector never slows the relay: messages beyond a bounded queue are dropped and
+    /// counted.
+    #[arg(long, value_name = "unix:PATH|tcp:ADDR:PORT|file:PATH")]
+    pub dnstap: Option<portcullis_dnstap::Destination>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DnstapCommand {
+    /// Accept dnstap from a resolver (unbound, BIND, Knot...) and, for its answers to clients of
+    /// the given sandboxes or subnets, open the addresses of the names the policy allows in
+    /// those sets. Asynchronous: a client may connect before its addresses are open (see
+    /// docs/dnstap.md).
+    Listen(DnstapListenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DnstapListenArgs {
+    /// Listen on this UNIX socket (a stale socket file is replaced).
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "tcp",
+        conflicts_with = "tcp"
+    )]
+    pub socket: Option<PathBuf>,
+    /// Permissions of the --socket file, in octal. Whoever may write to it can make the
+    /// consumer open addresses (for names the policy allows): give access to the resolver only.
+    #[arg(long, value_name = "MODE", default_value = "600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+    /// Group of the --socket file (a resolver that runs as its own user, such as unbound,
+    /// connects through it with --socket-mode 660).
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// Listen on this TCP address. dnstap has no authentication: bind to loopback or to an
+    /// address only the resolver reaches.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub tcp: Option<std::net::SocketAddr>,
+    /// A running sandbox (its id, or its table portcullis_<id>): answers to its address open
+    /// its sets. Repeatable.
+    #[arg(long, value_name = "ID|TABLE")]
+    pub sandbox: Vec<String>,
+    /// Answers to clients in CIDR open the sets of the nftables table `inet TABLE`, which must
+    /// hold the sets allow4, allow6, allow4p and allow6p (as a sandbox's table does).
+    /// Repeatable.
+    #[arg(long, value_name = "CIDR=TABLE")]
+    pub subnet: Vec<String>,
+    /// Allow a domain pattern or an address/CIDR, as for `run`.
+    #[arg(long, value_name = "PATTERN|CIDR")]
+    pub allow: Vec<String>,
+    /// Allow every pattern or CIDR listed in FILE.
+    #[arg(long, value_name = "FILE")]
+    pub allow_file: Vec<PathBuf>,
+    /// TOML policy file.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Vec<PathBuf>,
+    /// Set elements live at least this many seconds, whatever the TTL.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub min_ttl: u32,
+    /// Elements live at most this many seconds.
+    #[arg(long, default_value_t = 86_400, value_name = "SECONDS")]
+    pub max_ttl: u32,
+    /// Largest Frame Streams data frame accepted; a larger one ends its connection.
+    #[arg(long, default_value_t = portcullis_dnstap::fstrm::DEFAULT_MAX_FRAME, value_name = "BYTES")]
+    pub max_frame: usize,
 }
 
 #[derive(Debug, Args)]
@@ -431,4 +500,12 @@ pub enum RemoteCommand {
     List,
     /// Forget a remote.
     Remove { name: String },
+}
+
+/// An octal file mode such as 600 or 0660 (permission bits only).
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal file mode such as 600 or 660"))
 }

@@ -141,7 +141,7 @@ impl HostRun {
 impl Drop for HostRun {
     fn drop(&mut self) {
         for e in self.teardown() {
-            eprintln!("portcullis: teardown: {e}");
+            crate::logging::teardown_error(&e);
         }
     }
 }
@@ -226,10 +226,12 @@ pub fn execute(
         relay,
         policy,
         on_packet,
+        dnstap,
         ..
     } = spec;
     require_privileges()?;
     find_command(&cmd[0])?;
+    let cmd_line = cmd.clone();
     let id = SandboxId::random();
     let (selector, cgroup2) = choose_selector(&id, explicit_user)?;
     let state = StateDir::open(state_dir).code(FAILED)?;
@@ -305,7 +307,13 @@ pub fn execute(
 
     // Only redirected queries reach the relay (the table's `relay_guard`); their source is
     // whichever host address CMD's socket used, so no peer list applies.
-    let ctx = Arc::new(SandboxCtx::new(id.table(), Vec::new(), policy, writer));
+    crate::logging::sandbox_created(&id.table(), "host", String::new(), String::new());
+    let mut ctx = SandboxCtx::new(id.table(), Vec::new(), policy, writer);
+    let producer = dnstap.map(|d| crate::dnstap::Producer::start(rt.handle(), d));
+    if let Some(p) = &producer {
+        ctx = ctx.with_tap(p.tap());
+    }
+    let ctx = Arc::new(ctx);
     let cfg = Arc::new(relay);
     rt.spawn(server::serve_udp(udp4, ctx.clone(), cfg.clone()));
     rt.spawn(server::serve_tcp(tcp4, ctx.clone(), cfg.clone()));
@@ -319,7 +327,9 @@ pub fn execute(
     aborted(&signals)?;
     signals.started.store(true, Ordering::SeqCst);
     helper.go().code(FAILED)?;
+    crate::logging::command_started(&id.table(), &cmd_line, helper.child.id());
     let code = helper.wait().code(FAILED)?;
+    crate::logging::command_exited(&id.table(), code);
 
     // CMD's PID namespace is gone with it: read the counter while the table exists, then
     // tear down.
@@ -327,10 +337,15 @@ pub fn execute(
         .counter_packets(&id.table(), COUNTER_BLOCKED)
         .unwrap_or(0);
     stop.store(true, Ordering::Relaxed);
-    rt.shutdown_background();
-    for e in run.teardown() {
-        eprintln!("portcullis: teardown: {e}");
+    if let Some(p) = &producer {
+        p.close(&rt);
     }
+    rt.shutdown_background();
+    let errors = run.teardown();
+    for e in &errors {
+        crate::logging::teardown_error(e);
+    }
+    crate::logging::torn_down(&id.table(), errors.len());
     drop(reader);
     Ok(Finished {
         code,

@@ -6,8 +6,10 @@ mod cli;
 mod client;
 mod commands;
 mod daemon;
+mod dnstap;
 mod exit;
 mod host_session;
+mod logging;
 mod options;
 mod report;
 mod sandbox;
@@ -15,24 +17,6 @@ mod session;
 
 use clap::Parser as _;
 use clap::error::ErrorKind;
-
-fn init_logging(cli: &cli::Cli) {
-    use tracing_subscriber::EnvFilter;
-    let level = match cli.verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    let filter =
-        EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        cli::LogFormat::Json => builder.json().flatten_event(true).init(),
-        cli::LogFormat::Text => builder.without_time().with_target(false).init(),
-    }
-}
 
 /// Help and version print as clap renders them; every other command-line error is one line.
 fn usage_error(e: clap::Error) -> ! {
@@ -78,11 +62,11 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => usage_error(e),
     };
-    init_logging(&cli);
+    logging::init(&cli);
     let code = match commands::dispatch(cli) {
         Ok(code) => code,
         Err(f) => {
-            eprintln!("portcullis: {f}");
+            logging::fatal(&f.to_string(), f.code);
             f.code
         }
     };

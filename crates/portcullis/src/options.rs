@@ -29,7 +29,27 @@ pub struct RunOptions {
     pub pool6: ipnet::Ipv6Net,
     /// `--network`: the named network to attach to.
     pub network: Option<NetworkName>,
+    /// `--dnstap`: where the relay's messages go.
+    pub dnstap: Option<portcullis_dnstap::Destination>,
     pub cmd: Vec<String>,
+}
+
+/// `--dnstap`: a file's directory must exist (a collector may start after the run does).
+fn dnstap(a: &crate::cli::SandboxArgs) -> anyhow::Result<Option<portcullis_dnstap::Destination>> {
+    if let Some(portcullis_dnstap::Destination::File(p)) = &a.dnstap {
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            bail!(
+                "--dnstap file:{}: directory {} does not exist",
+                p.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(a.dnstap.clone())
 }
 
 /// Parses `--network NAME`.
@@ -244,6 +264,8 @@ pub struct LearnOptions {
     pub format: portcullis_learn::formats::Format,
     pub collapse: Option<usize>,
     pub log: Option<PathBuf>,
+    /// `--dnstap`: where the relay's messages go.
+    pub dnstap: Option<portcullis_dnstap::Destination>,
     pub cmd: Vec<String>,
 }
 
@@ -278,32 +300,42 @@ impl LearnOptions {
             format: format(a.write.format),
             collapse: a.write.collapse.map(|n| n as usize),
             log: a.log,
+            dnstap: dnstap(&a.sandbox)?,
             cmd: a.cmd,
         })
     }
 }
 
+/// The policy of `--allow`, `--allow-file` and `--policy` (shared by `run` and `dnstap listen`).
+pub fn policy_from(
+    allow: &[String],
+    allow_file: &[PathBuf],
+    policy: &[PathBuf],
+) -> anyhow::Result<Policy> {
+    let mut rules = Vec::new();
+    for s in allow {
+        rules.push(Rule::parse_allow_arg(s).map_err(|e| anyhow!("{e}"))?);
+    }
+    // Rules from every source, compiled once: the trie of a 100k-pattern list costs tens
+    // of milliseconds to build.
+    for f in allow_file {
+        rules.extend(
+            Policy::rules_from_allow_list(&read(f)?, &f.display().to_string())
+                .map_err(|e| anyhow!("{e}"))?,
+        );
+    }
+    for f in policy {
+        rules.extend(
+            Policy::rules_from_toml_str(&read(f)?, &f.display().to_string())
+                .map_err(|e| anyhow!("{e}"))?,
+        );
+    }
+    Ok(Policy::new(rules))
+}
+
 impl RunOptions {
     pub fn from_args(a: RunArgs) -> anyhow::Result<Self> {
-        let mut rules = Vec::new();
-        for s in &a.allow {
-            rules.push(Rule::parse_allow_arg(s).map_err(|e| anyhow!("{e}"))?);
-        }
-        // Rules from every source, compiled once: the trie of a 100k-pattern list costs tens
-        // of milliseconds to build.
-        for f in &a.allow_file {
-            rules.extend(
-                Policy::rules_from_allow_list(&read(f)?, &f.display().to_string())
-                    .map_err(|e| anyhow!("{e}"))?,
-            );
-        }
-        for f in &a.policy {
-            rules.extend(
-                Policy::rules_from_toml_str(&read(f)?, &f.display().to_string())
-                    .map_err(|e| anyhow!("{e}"))?,
-            );
-        }
-        let policy = Policy::new(rules);
+        let policy = policy_from(&a.allow, &a.allow_file, &a.policy)?;
         let upstreams = upstreams(&a.sandbox.upstream_dns)?;
         if a.min_ttl > a.max_ttl {
             bail!(
@@ -343,6 +375,7 @@ impl RunOptions {
             pool4: a.sandbox.pool4,
             pool6: a.sandbox.pool6,
             network: network(&a.sandbox)?,
+            dnstap: dnstap(&a.sandbox)?,
             cmd: a.cmd,
         })
     }

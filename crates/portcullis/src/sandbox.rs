@@ -386,7 +386,7 @@ pub(crate) fn delete_table(
 impl Drop for Sandbox {
     fn drop(&mut self) {
         for e in self.teardown() {
-            eprintln!("portcullis: teardown: {e}");
+            crate::logging::teardown_error(&e);
         }
     }
 }

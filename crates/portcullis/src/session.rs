@@ -48,6 +48,8 @@ pub struct Spec {
     pub publish: Vec<Publish>,
     /// `--network`: the named network to attach to.
     pub network: Option<NetworkName>,
+    /// `--dnstap`: where the relay's messages go.
+    pub dnstap: Option<portcullis_dnstap::Destination>,
     /// `learn`: egress open, every query reported here, every new flow logged.
     pub learn: Option<Arc<dyn QueryObserver>>,
     /// Called on the NFLOG thread for each logged packet: blocked ones for `run`, the first
@@ -168,11 +170,13 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         policy,
         publish,
         network,
+        dnstap,
         learn,
         on_packet,
     } = spec;
     require_privileges()?;
     find_command(&cmd[0])?;
+    let cmd_line = cmd.clone();
     let state = StateDir::open(state_dir).code(FAILED)?;
     let network = match network {
         Some(name) => match state.network(&name).code(FAILED)? {
@@ -230,6 +234,12 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     .code(FAILED)?;
     aborted(&signals)?;
     let a = sandbox.addressing.clone();
+    crate::logging::sandbox_created(
+        &id.table(),
+        "netns",
+        a.sandbox4.to_string(),
+        a.sandbox6.to_string(),
+    );
     let (udp4, tcp4, udp6, tcp6) = rt
         .block_on(async {
             Ok::<_, std::io::Error>((
@@ -303,6 +313,10 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     if let Some(observer) = learn {
         ctx = ctx.learning(observer);
     }
+    let producer = dnstap.map(|d| crate::dnstap::Producer::start(rt.handle(), d));
+    if let Some(p) = &producer {
+        ctx = ctx.with_tap(p.tap());
+    }
     let ctx = Arc::new(ctx);
     let cfg = Arc::new(relay);
     rt.spawn(server::serve_udp(udp4, ctx.clone(), cfg.clone()));
@@ -316,7 +330,9 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     aborted(&signals)?;
     signals.started.store(true, Ordering::SeqCst);
     helper.go().code(FAILED)?;
+    crate::logging::command_started(&id.table(), &cmd_line, helper.child.id());
     let code = helper.wait().code(FAILED)?;
+    crate::logging::command_exited(&id.table(), code);
     sandbox.netns_gone();
 
     // CMD is gone: read what the kernel counted before the table goes, then tear down.
@@ -327,10 +343,15 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         .family_counter_packets(Family::Netdev, &id.table(), COUNTER_SPOOFED)
         .unwrap_or(0);
     stop.store(true, Ordering::Relaxed);
-    rt.shutdown_background();
-    for e in sandbox.teardown() {
-        eprintln!("portcullis: teardown: {e}");
+    if let Some(p) = &producer {
+        p.close(&rt);
     }
+    rt.shutdown_background();
+    let errors = sandbox.teardown();
+    for e in &errors {
+        crate::logging::teardown_error(e);
+    }
+    crate::logging::torn_down(&id.table(), errors.len());
     // `learn` needs every logged packet: after teardown (which must not wait on it), wait for
     // the reader to drain what the socket holds; it notices `stop` within its receive
     // timeout. `run`'s report can do without the last moment's blocked packets sooner than

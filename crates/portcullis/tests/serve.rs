@@ -40,13 +40,18 @@ impl<'w> Daemon<'w> {
 
     /// `pool4`: where sandboxes get their addresses (50 sandboxes need a /24).
     fn start_with_pool(world: &'w World, dir: &Path, pool4: &str) -> Daemon<'w> {
+        Self::start_with(world, dir, pool4, "")
+    }
+
+    /// `extra`: more top-level keys of the configuration file.
+    fn start_with(world: &'w World, dir: &Path, pool4: &str, extra: &str) -> Daemon<'w> {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("serve.toml");
         std::fs::write(
             &config,
             format!(
                 "state_dir = \"{d}/data\"\nsocket = \"{d}/api.sock\"\nlisten = \"127.0.0.1:{PORT}\"\n\
-                 upstream_dns = [\"198.51.100.53\"]\npool4 = \"{pool4}\"\npool6 = \"{p6}\"\n",
+                 upstream_dns = [\"198.51.100.53\"]\npool4 = \"{pool4}\"\npool6 = \"{p6}\"\n{extra}\n",
                 d = dir.display(),
                 p6 = World::POOL6
             ),
@@ -83,6 +88,22 @@ impl<'w> Daemon<'w> {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
+    }
+
+    /// Stops the daemon as systemd would (SIGTERM) and waits for it.
+    fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = c.0.id().to_string();
+            assert!(
+                Command::new("kill")
+                    .args(["-TERM", &pid])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            let status = c.0.wait().unwrap();
+            assert!(status.success(), "daemon exit {status}: {}", self.log());
+        }
     }
 
     fn kill(&mut self) {
@@ -741,7 +762,14 @@ fn exec_runs_in_the_sandbox_with_its_status_and_stdio() {
     testworld_root();
     let world = World::new(&Zone::new().a("a.test", A4.parse::<Ipv4Addr>().unwrap(), 300));
     let dir = tempdir(&world, "exec");
-    let d = Daemon::start(&world, &dir);
+    // The relay's dnstap goes to a file, read back at the end.
+    let tap = dir.join("tap.fstrm");
+    let mut d = Daemon::start_with(
+        &world,
+        &dir,
+        "203.0.113.0/24",
+        &format!("dnstap = \"file:{}\"", tap.display()),
+    );
     d.create("box", &["a.test"]);
     let out = world
         .uplink_cmd(env!("CARGO_BIN_EXE_portcullis"))
@@ -780,6 +808,27 @@ fn exec_runs_in_the_sandbox_with_its_status_and_stdio() {
         .unwrap();
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no sandbox named nope (HTTP 404)"));
+    // dnstap: the sandbox's lookup, named by the sandbox, decodes with BIND's dnstap-read
+    // once a SIGTERM has flushed and ended the stream.
+    assert_eq!(d.local("DELETE", "/1.0/sandboxes/box", None).0, 204);
+    d.terminate();
+    let out = Command::new("dnstap-read")
+        .arg("-y")
+        .arg(&tap)
+        .output()
+        .expect("dnstap-read (Debian package bind9-dnsutils)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for kind in [
+        "CLIENT_QUERY",
+        "CLIENT_RESPONSE",
+        "FORWARDER_QUERY",
+        "FORWARDER_RESPONSE",
+    ] {
+        assert!(text.contains(&format!("type: {kind}\n")), "{kind}: {text}");
+    }
+    assert!(text.contains("identity: box"), "{text}");
+    assert!(text.contains("a.test"), "{text}");
 }
 
 #[test]

@@ -11,9 +11,11 @@ pub mod answer;
 pub mod cache;
 pub mod sandbox;
 pub mod server;
+pub mod tap;
 pub mod upstream;
 
 pub use sandbox::{
-    DecisionSink, DnsReport, Observed, QueryObserver, RelayConfig, Revoked, SandboxCtx,
-    SavedElement,
+    AnswerOutcome, DecisionSink, DnsReport, Observed, QueryObserver, RelayConfig, Revoked,
+    SandboxCtx, SavedElement,
 };
+pub use tap::{DnsTap, TapEvent, TapKind};

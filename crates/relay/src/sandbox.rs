@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::answer::{self, Rejection};
 use crate::cache::AnswerCache;
+use crate::tap::{DnsTap, TapEvent, TapKind};
 use crate::upstream;
 
 /// Added to every element's timeout: a client may connect at the very end of the TTL.
@@ -192,6 +193,33 @@ pub struct SandboxCtx {
     observer: Option<Arc<dyn QueryObserver>>,
     /// Told of every decision (a daemon's event stream).
     decisions: Option<Arc<dyn DecisionSink>>,
+    /// How logs and the tap name this sandbox (by default, its table).
+    label: String,
+    /// Sees every message the relay receives and sends for this sandbox (dnstap).
+    tap: Option<Arc<dyn DnsTap>>,
+}
+
+/// What [`SandboxCtx::open_answer`] made of an answer the relay did not give itself (one a
+/// resolver reported over dnstap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnswerOutcome {
+    /// The name is allowed: its addresses are in the sets (or already were, for longer).
+    Allowed { name: String, addrs: Vec<IpAddr> },
+    /// The policy denies the name (or a name on its CNAME chain): nothing opened.
+    Denied { name: String },
+    /// Nothing to act on: not a DNS response, no single question, or an error code.
+    Ignored(&'static str),
+    /// The sets refused the elements.
+    Failed { name: String, error: String },
+}
+
+/// Addresses as the logs show them: comma-separated, in answer order.
+fn addr_list<'a>(addrs: impl IntoIterator<Item = &'a IpAddr>) -> String {
+    addrs
+        .into_iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The response code of a reply in wire form, by its name in zone files and logs.
@@ -221,7 +249,6 @@ impl SandboxCtx {
         writer: Arc<dyn SetWriter>,
     ) -> Self {
         SandboxCtx {
-            table,
             peers,
             policy: RwLock::new(Versioned {
                 policy,
@@ -234,6 +261,9 @@ impl SandboxCtx {
             cache: Arc::default(),
             observer: None,
             decisions: None,
+            label: table.clone(),
+            tap: None,
+            table,
         }
     }
 
@@ -247,6 +277,23 @@ impl SandboxCtx {
         if let Some(d) = &self.decisions {
             d.decided(name, &q.qtype.to_string(), decision, addrs);
         }
+    }
+
+    /// Names the sandbox in logs and dnstap messages (by default: its table name).
+    pub fn with_label(mut self, label: impl Into<String>) -> Self {
+        self.label = label.into();
+        self
+    }
+
+    /// How logs and the tap name this sandbox.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Tells `tap` of every message received and sent for this sandbox.
+    pub fn with_tap(mut self, tap: Arc<dyn DnsTap>) -> Self {
+        self.tap = Some(tap);
+        self
     }
 
     /// Turns the sandbox into a learning one: see `observer`.
@@ -309,13 +356,47 @@ impl SandboxCtx {
         }
     }
 
+    /// Answers one query from the sandbox's client `peer`, telling the tap (if any) of the
+    /// query and of the reply; None means "send nothing".
+    pub async fn handle_from(
+        &self,
+        cfg: &RelayConfig,
+        bytes: &[u8],
+        tcp: bool,
+        peer: std::net::SocketAddr,
+    ) -> Option<Vec<u8>> {
+        let Some(tap) = &self.tap else {
+            return self.handle(cfg, bytes, tcp).await;
+        };
+        let query_time = std::time::SystemTime::now();
+        let mut event = TapEvent {
+            kind: TapKind::ClientQuery,
+            sandbox: &self.label,
+            tcp,
+            peer,
+            query: bytes,
+            query_time,
+            response: None,
+            response_time: None,
+        };
+        tap.tap(&event);
+        let reply = self.handle(cfg, bytes, tcp).await;
+        if let Some(r) = &reply {
+            event.kind = TapKind::ClientResponse;
+            event.response = Some(r);
+            event.response_time = Some(std::time::SystemTime::now());
+            tap.tap(&event);
+        }
+        reply
+    }
+
     /// Answers one query from the sandbox; None means "send nothing".
     pub async fn handle(&self, cfg: &RelayConfig, bytes: &[u8], tcp: bool) -> Option<Vec<u8>> {
         let q = match answer::parse_query(bytes) {
             Ok(q) => q,
             Err(r) => {
                 self.note(|r| r.malformed += 1);
-                tracing::debug!(target: "portcullis::dns", table = %self.table, "malformed query");
+                tracing::debug!(target: "portcullis::dns", sandbox = %self.label, "malformed query");
                 return match r {
                     Rejection::Drop => None,
                     Rejection::Reply(b) => Some(b),
@@ -346,11 +427,19 @@ impl SandboxCtx {
         // place); its addresses still go through `open` below before it is released.
         let (msg, wire, bound) = match self.cache.lookup(&q.message, bytes, tcp) {
             Some(hit) => (None, hit.wire, hit.bound),
-            None => match upstream::forward(cfg, &q, bytes, tcp).await {
+            None => match upstream::forward_tapped(
+                cfg,
+                &q,
+                bytes,
+                tcp,
+                self.tap.as_deref().map(|t| (t, self.label.as_str())),
+            )
+            .await
+            {
                 Ok((msg, raw)) => {
                     if msg.metadata.response_code == ResponseCode::ServFail {
                         // The upstream's own failure: passed on as it is, and listed.
-                        tracing::warn!(target: "portcullis::dns", name = %name, "upstream answered SERVFAIL");
+                        tracing::warn!(target: "portcullis::dns", sandbox = %self.label, name = %name, qtype = %q.qtype, decision = "failed", error = "upstream answered SERVFAIL", "upstream answered SERVFAIL");
                         self.note(|r| {
                             DnsReport::count(&mut r.failed, &mut r.unlisted, name.clone())
                         });
@@ -368,7 +457,7 @@ impl SandboxCtx {
                     (Some(msg), wire, bound)
                 }
                 Err(e) => {
-                    tracing::warn!(target: "portcullis::dns", name = %name, error = %e, "upstream failed: SERVFAIL");
+                    tracing::warn!(target: "portcullis::dns", sandbox = %self.label, name = %name, qtype = %q.qtype, decision = "failed", error = %e, "upstream failed: SERVFAIL");
                     self.observe(&name, &q, "TIMEOUT".into(), &answer::Bound::default());
                     self.decided(&name, &q, "failed", &[]);
                     self.note(|r| DnsReport::count(&mut r.failed, &mut r.unlisted, name));
@@ -381,7 +470,7 @@ impl SandboxCtx {
             if DomainName::from_wire_labels(link.iter())
                 .is_ok_and(|n| policy.is_denied_explicitly(&n))
             {
-                tracing::info!(target: "portcullis::dns", name = %name, via = %shown(link), "denied: CNAME into a denied name");
+                tracing::info!(target: "portcullis::dns", sandbox = %self.label, name = %name, qtype = %q.qtype, decision = "denied", via = %shown(link), "denied: CNAME into a denied name");
                 return Some(self.deny(cfg, &q, id, name));
             }
         }
@@ -395,7 +484,7 @@ impl SandboxCtx {
             wire
         } else {
             let refused: Vec<IpAddr> = refused.iter().map(|(ip, _)| *ip).collect();
-            tracing::warn!(target: "portcullis::dns", name = %name, addresses = ?refused, "answer points at addresses never opened by name: removed");
+            tracing::warn!(target: "portcullis::dns", sandbox = %self.label, name = %name, addresses = %addr_list(&refused), "answer points at addresses never opened by name: removed");
             self.note(|r| {
                 for ip in &refused {
                     DnsReport::count(
@@ -429,12 +518,12 @@ impl SandboxCtx {
             generation,
         };
         if let Err(e) = self.open(cfg, &opener, &bound.addrs) {
-            tracing::error!(target: "portcullis::dns", name = %name, error = %e, "set insertion failed: SERVFAIL");
+            tracing::error!(target: "portcullis::dns", sandbox = %self.label, name = %name, qtype = %q.qtype, decision = "failed", error = %e, "set insertion failed: SERVFAIL");
             self.decided(&name, &q, "failed", &[]);
             self.note(|r| DnsReport::count(&mut r.failed, &mut r.unlisted, name));
             return Some(answer::error_reply(id, Some(&q), ResponseCode::ServFail));
         }
-        tracing::info!(target: "portcullis::dns", name = %name, qtype = %q.qtype, addresses = bound.addrs.len(), "allowed");
+        tracing::info!(target: "portcullis::dns", sandbox = %self.label, name = %name, qtype = %q.qtype, decision = "allowed", addresses = %addr_list(bound.addrs.iter().map(|(a, _)| a)), "allowed");
         if self.decisions.is_some() {
             let released: Vec<IpAddr> = bound.addrs.iter().map(|(a, _)| *a).collect();
             self.decided(&name, &q, "allowed", &released);
@@ -454,8 +543,91 @@ impl SandboxCtx {
         Some(wire)
     }
 
+    /// Applies the policy to an answer that a resolver gave a client of this sandbox (seen
+    /// over dnstap, after the fact): an allowed name's addresses, bound through its CNAME
+    /// chain exactly as the relay binds them, go into the sets with the relay's timeouts and
+    /// expiry map (never shortening a live element). Nothing is forwarded or answered.
+    pub fn open_answer(&self, cfg: &RelayConfig, response: &[u8]) -> AnswerOutcome {
+        use hickory_proto::op::MessageType;
+        let Ok(msg) = Message::from_vec(response) else {
+            return AnswerOutcome::Ignored("not a DNS message");
+        };
+        if msg.metadata.message_type != MessageType::Response {
+            return AnswerOutcome::Ignored("not a response");
+        }
+        if msg.metadata.response_code != ResponseCode::NoError {
+            return AnswerOutcome::Ignored("not NOERROR");
+        }
+        let [question] = msg.queries.as_slice() else {
+            return AnswerOutcome::Ignored("not exactly one question");
+        };
+        let qname = question.name.clone();
+        let qtype = question.query_type;
+        let name = shown(&qname);
+        let denied = |via: Option<String>| {
+            match via {
+                Some(via) => {
+                    tracing::info!(target: "portcullis::dns", sandbox = %self.label, name = %name, qtype = %qtype, decision = "denied", via = %via, "denied: CNAME into a denied name")
+                }
+                None => {
+                    tracing::info!(target: "portcullis::dns", sandbox = %self.label, name = %name, qtype = %qtype, decision = "denied", "denied")
+                }
+            }
+            if let Some(d) = &self.decisions {
+                d.decided(&name, &qtype.to_string(), "denied", &[]);
+            }
+            self.note(|r| DnsReport::count(&mut r.denied, &mut r.unlisted, name.clone()));
+            AnswerOutcome::Denied { name: name.clone() }
+        };
+        let (policy, generation) = self.versioned();
+        let Ok(domain) = DomainName::from_wire_labels(qname.iter()) else {
+            return denied(None);
+        };
+        let Decision::Allow(access) = policy.decide(&domain) else {
+            return denied(None);
+        };
+        let bound = answer::bound_addresses(&msg, &qname);
+        for link in &bound.chain {
+            if DomainName::from_wire_labels(link.iter())
+                .is_ok_and(|n| policy.is_denied_explicitly(&n))
+            {
+                return denied(Some(shown(link)));
+            }
+        }
+        let (refused, addrs): (Vec<_>, Vec<_>) = bound
+            .addrs
+            .iter()
+            .partition(|(ip, _)| answer::never_by_name(ip) && !Self::cidr_allows(&policy, ip));
+        if !refused.is_empty() {
+            tracing::warn!(target: "portcullis::dns", sandbox = %self.label, name = %name, addresses = %addr_list(refused.iter().map(|(a, _)| a)), "answer points at addresses never opened by name: not opened");
+        }
+        let opener = Opener {
+            name: &domain,
+            access: &access,
+            generation,
+        };
+        if let Err(e) = self.open(cfg, &opener, &addrs) {
+            tracing::error!(target: "portcullis::dns", sandbox = %self.label, name = %name, qtype = %qtype, decision = "failed", error = %e, "set insertion failed");
+            if let Some(d) = &self.decisions {
+                d.decided(&name, &qtype.to_string(), "failed", &[]);
+            }
+            self.note(|r| DnsReport::count(&mut r.failed, &mut r.unlisted, name.clone()));
+            return AnswerOutcome::Failed {
+                name,
+                error: e.to_string(),
+            };
+        }
+        let ips: Vec<IpAddr> = addrs.iter().map(|(a, _)| *a).collect();
+        tracing::info!(target: "portcullis::dns", sandbox = %self.label, name = %name, qtype = %qtype, decision = "allowed", addresses = %addr_list(&ips), "allowed");
+        if let Some(d) = &self.decisions {
+            d.decided(&name, &qtype.to_string(), "allowed", &ips);
+        }
+        self.note(|r| DnsReport::count(&mut r.allowed, &mut r.unlisted, name.clone()));
+        AnswerOutcome::Allowed { name, addrs: ips }
+    }
+
     fn deny(&self, cfg: &RelayConfig, q: &answer::Query, id: u16, name: String) -> Vec<u8> {
-        tracing::info!(target: "portcullis::dns", name = %name, qtype = %q.qtype, "denied");
+        tracing::info!(target: "portcullis::dns", sandbox = %self.label, name = %name, qtype = %q.qtype, decision = "denied", "denied");
         self.decided(&name, q, "denied", &[]);
         self.note(|r| DnsReport::count(&mut r.denied, &mut r.unlisted, name));
         answer::error_reply(id, Some(q), cfg.deny_rcode)
@@ -1398,5 +1570,107 @@ mod tests {
         // The names came back: dropping c.test revokes the address only it opened.
         let revoked = ctx.set_policy(Arc::new(allow(&["a.test"]))).unwrap();
         assert_eq!(revoked.keys, vec![ElementKey::Addr(v4("198.51.100.8"))]);
+    }
+
+    #[derive(Debug, Default)]
+    struct TapRecorder(Mutex<Vec<(TapKind, String, SocketAddr, bool)>>);
+
+    impl DnsTap for TapRecorder {
+        fn tap(&self, e: &TapEvent<'_>) {
+            assert_eq!(e.response.is_some(), e.response_time.is_some());
+            self.0.lock().unwrap().push((
+                e.kind,
+                e.sandbox.to_owned(),
+                e.peer,
+                e.response.is_some(),
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_tap_sees_client_and_forwarder_messages_with_the_label() {
+        let mut s = setup(allow(&["ok.test"])).await;
+        let tap = Arc::new(TapRecorder::default());
+        s.ctx = s.ctx.with_label("build-42").with_tap(tap.clone());
+        let client: SocketAddr = "203.0.113.130:5353".parse().unwrap();
+        let up = s.cfg.upstreams[0];
+        s.ctx
+            .handle_from(&s.cfg, &query("ok.test."), false, client)
+            .await
+            .unwrap();
+        // A denied name and a cache hit are never forwarded.
+        s.ctx
+            .handle_from(&s.cfg, &query("no.test."), false, client)
+            .await
+            .unwrap();
+        s.ctx
+            .handle_from(&s.cfg, &query("ok.test."), true, client)
+            .await
+            .unwrap();
+        let seen = tap.0.lock().unwrap().clone();
+        let l = "build-42".to_owned();
+        assert_eq!(
+            seen,
+            vec![
+                (TapKind::ClientQuery, l.clone(), client, false),
+                (TapKind::ForwarderQuery, l.clone(), up, false),
+                (TapKind::ForwarderResponse, l.clone(), up, true),
+                (TapKind::ClientResponse, l.clone(), client, true),
+                (TapKind::ClientQuery, l.clone(), client, false),
+                (TapKind::ClientResponse, l.clone(), client, true),
+                (TapKind::ClientQuery, l.clone(), client, false),
+                (TapKind::ClientResponse, l, client, true),
+            ]
+        );
+    }
+
+    fn response(name: &str, addr: &str, ttl: u32) -> Vec<u8> {
+        let mut m = Message::response(7, hickory_proto::op::OpCode::Query);
+        let n = Name::from_ascii(name).unwrap();
+        m.add_query(Query::query(n.clone(), RecordType::A));
+        m.answers.push(Record::from_rdata(
+            n,
+            ttl,
+            RData::A(A(addr.parse().unwrap())),
+        ));
+        m.to_vec().unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_answer_seen_over_dnstap_opens_only_allowed_names_and_never_shortens() {
+        let s = setup(allow(&["ok.test"])).await;
+        let out = s
+            .ctx
+            .open_answer(&s.cfg, &response("ok.test.", "198.51.100.10", 300));
+        assert_eq!(
+            out,
+            AnswerOutcome::Allowed {
+                name: "ok.test".into(),
+                addrs: vec!["198.51.100.10".parse().unwrap()]
+            }
+        );
+        let out = s
+            .ctx
+            .open_answer(&s.cfg, &response("no.test.", "198.51.100.20", 300));
+        assert_eq!(
+            out,
+            AnswerOutcome::Denied {
+                name: "no.test".into()
+            }
+        );
+        // The same name again with a shorter TTL writes nothing.
+        s.ctx
+            .open_answer(&s.cfg, &response("ok.test.", "198.51.100.10", 10));
+        let batches = s.writer.batches.lock().unwrap().clone();
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0][0].timeout.as_secs(), 301);
+        assert!(matches!(
+            s.ctx.open_answer(&s.cfg, &query("ok.test.")),
+            AnswerOutcome::Ignored(_)
+        ));
+        assert!(matches!(
+            s.ctx.open_answer(&s.cfg, b"\x00garbage"),
+            AnswerOutcome::Ignored(_)
+        ));
     }
 }

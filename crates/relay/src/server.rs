@@ -40,7 +40,7 @@ pub async fn serve_udp(sock: UdpSocket, ctx: Arc<SandboxCtx>, cfg: Arc<RelayConf
         let data = buf[..n].to_vec();
         let (sock, ctx, cfg) = (sock.clone(), ctx.clone(), cfg.clone());
         tokio::spawn(async move {
-            if let Some(reply) = ctx.handle(&cfg, &data, false).await {
+            if let Some(reply) = ctx.handle_from(&cfg, &data, false, peer).await {
                 let _ = sock.send_to(&reply, peer).await;
             }
             drop(permit);
@@ -75,7 +75,7 @@ pub async fn serve_tcp(listener: TcpListener, ctx: Arc<SandboxCtx>, cfg: Arc<Rel
                 {
                     break;
                 }
-                let Some(reply) = ctx.handle(&cfg, &data, true).await else {
+                let Some(reply) = ctx.handle_from(&cfg, &data, true, peer).await else {
                     continue;
                 };
                 let Ok(rlen) = u16::try_from(reply.len()) else {

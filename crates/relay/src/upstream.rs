@@ -10,6 +10,7 @@ use tokio::time::timeout;
 
 use crate::answer::{Query, matches_query};
 use crate::sandbox::RelayConfig;
+use crate::tap::{DnsTap, TapEvent, TapKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -30,8 +31,33 @@ pub async fn forward(
     raw: &[u8],
     tcp: bool,
 ) -> Result<(Message, Vec<u8>), UpstreamError> {
+    forward_tapped(cfg, q, raw, tcp, None).await
+}
+
+/// `forward`, telling `tap` (with the sandbox's label) of every attempt and of the answer.
+pub async fn forward_tapped(
+    cfg: &RelayConfig,
+    q: &Query,
+    raw: &[u8],
+    tcp: bool,
+    tap: Option<(&dyn DnsTap, &str)>,
+) -> Result<(Message, Vec<u8>), UpstreamError> {
     let mut last = UpstreamError::NoUpstream;
     for up in &cfg.upstreams {
+        let sent = tap.map(|(tap, sandbox)| {
+            let now = std::time::SystemTime::now();
+            tap.tap(&TapEvent {
+                kind: TapKind::ForwarderQuery,
+                sandbox,
+                tcp,
+                peer: *up,
+                query: raw,
+                query_time: now,
+                response: None,
+                response_time: None,
+            });
+            now
+        });
         let attempt = async {
             if tcp {
                 via_tcp(*up, q, raw).await
@@ -40,7 +66,21 @@ pub async fn forward(
             }
         };
         match timeout(cfg.upstream_timeout, attempt).await {
-            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Ok(answer)) => {
+                if let (Some((tap, sandbox)), Some(query_time)) = (tap, sent) {
+                    tap.tap(&TapEvent {
+                        kind: TapKind::ForwarderResponse,
+                        sandbox,
+                        tcp,
+                        peer: *up,
+                        query: raw,
+                        query_time,
+                        response: Some(&answer.1),
+                        response_time: Some(std::time::SystemTime::now()),
+                    });
+                }
+                return Ok(answer);
+            }
             Ok(Err(e)) => last = e,
             Err(_) => last = UpstreamError::Timeout(*up, cfg.upstream_timeout),
         }

@@ -16,10 +16,10 @@ pub fn cleanup(state_dir: Option<std::path::PathBuf>) -> Result<i32, Failure> {
     }
     drop(lock);
     if removed.is_empty() {
-        eprintln!("portcullis: nothing to clean up");
+        crate::logging::notice(tracing::Level::INFO, "nothing to clean up");
     }
     for r in removed {
-        eprintln!("portcullis: removed {r}");
+        crate::logging::notice(tracing::Level::INFO, &format!("removed {r}"));
     }
     Ok(0)
 }

@@ -296,6 +296,7 @@ pub fn learn(args: LearnArgs, state_dir: Option<PathBuf>) -> Result<i32, Failure
             policy: Arc::new(Policy::default()),
             publish: opts.publish.clone(),
             network: opts.network.clone(),
+            dnstap: opts.dnstap.clone(),
             learn: Some(recorder.clone()),
             on_packet: Box::new(move |p| rec2.flow(p)),
         },
@@ -344,23 +345,29 @@ pub fn learn(args: LearnArgs, state_dir: Option<PathBuf>) -> Result<i32, Failure
         .iter()
         .filter(|e| matches!(e, Event::Flow(f) if f.is_direct()))
         .count();
-    eprintln!(
-        "portcullis: learned {queries} quer{} and {flows} flow(s){}{}",
-        if queries == 1 { "y" } else { "ies" },
-        if direct > 0 {
-            format!("; {direct} flow(s) to hard-coded addresses, flagged in the policy")
-        } else {
-            String::new()
-        },
-        opts.output
-            .as_ref()
-            .map(|p| format!("; policy written to {}", p.display()))
-            .unwrap_or_default(),
+    crate::logging::notice(
+        tracing::Level::INFO,
+        &format!(
+            "learned {queries} quer{} and {flows} flow(s){}{}",
+            if queries == 1 { "y" } else { "ies" },
+            if direct > 0 {
+                format!("; {direct} flow(s) to hard-coded addresses, flagged in the policy")
+            } else {
+                String::new()
+            },
+            opts.output
+                .as_ref()
+                .map(|p| format!("; policy written to {}", p.display()))
+                .unwrap_or_default(),
+        ),
     );
     if done.log_overflows > 0 {
-        eprintln!(
-            "portcullis: warning: the kernel dropped logged packets {} time(s): the learn log misses flows",
-            done.log_overflows
+        crate::logging::notice(
+            tracing::Level::WARN,
+            &format!(
+                "warning: the kernel dropped logged packets {} time(s): the learn log misses flows",
+                done.log_overflows
+            ),
         );
     }
     // The policy is out; a broken log is still a failure of this run.

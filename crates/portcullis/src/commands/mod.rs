@@ -2,6 +2,7 @@
 
 mod cleanup;
 mod client;
+mod dnstap;
 mod docs;
 mod learn;
 pub(crate) mod network;
@@ -25,6 +26,7 @@ pub fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Trust(cmd) => client::trust(cmd),
         Command::Remote(cmd) => client::remote(cmd),
         Command::Monitor { client } => client::monitor(client),
+        Command::Dnstap(cmd) => dnstap::dnstap(cmd, cli.state_dir),
         Command::Completions { shell } => docs::completions(shell),
         Command::Man => docs::man(),
     }

@@ -68,10 +68,13 @@ fn import(path: &Path, year: Option<i32>, output: Option<&Path>) -> Result<i32, 
         ));
     }
     if !imported.junk.is_empty() {
-        eprintln!(
-            "portcullis: {label}: {} quer{} imported",
-            imported.queries,
-            if imported.queries == 1 { "y" } else { "ies" }
+        crate::logging::notice(
+            tracing::Level::INFO,
+            &format!(
+                "{label}: {} quer{} imported",
+                imported.queries,
+                if imported.queries == 1 { "y" } else { "ies" }
+            ),
         );
     }
     let text: String = imported.events.iter().map(Event::to_line).collect();
@@ -88,7 +91,7 @@ fn suggest(write: &WriteArgs, logs: &[PathBuf]) -> Result<i32, Failure> {
     };
     let suggestion = writer::suggest(&events, &opts);
     for w in &suggestion.warnings {
-        eprintln!("portcullis: warning: {w}");
+        crate::logging::notice(tracing::Level::WARN, &format!("warning: {w}"));
     }
     let text = formats::render(&suggestion, crate::options::format(write.format));
     write_output(write.output.as_deref(), &text)?;
@@ -114,10 +117,13 @@ fn read_logs(logs: &[PathBuf]) -> Result<Vec<Event>, Failure> {
         let log = read::read_log(&text, &label).code(USAGE)?;
         report_junk(&label, &log.junk);
         for w in &log.warnings {
-            eprintln!("portcullis: {w}");
+            crate::logging::notice(tracing::Level::WARN, &w.to_string());
         }
         if log.activity() == 0 {
-            eprintln!("portcullis: {label}: no query or flow events");
+            crate::logging::notice(
+                tracing::Level::WARN,
+                &format!("{label}: no query or flow events"),
+            );
         }
         events.extend(log.events);
     }
@@ -137,18 +143,21 @@ fn read_text(path: &Path) -> Result<String, Failure> {
 
 fn report_junk(label: &str, junk: &[Junk]) {
     for j in junk.iter().take(JUNK_SHOWN) {
-        eprintln!("portcullis: {j}");
+        crate::logging::notice(tracing::Level::WARN, &j.to_string());
     }
     if !junk.is_empty() {
         let hidden = junk.len().saturating_sub(JUNK_SHOWN);
-        eprintln!(
-            "portcullis: {label}: {} line(s) skipped{}",
-            junk.len(),
-            if hidden > 0 {
-                format!(" ({hidden} not shown)")
-            } else {
-                String::new()
-            }
+        crate::logging::notice(
+            tracing::Level::WARN,
+            &format!(
+                "{label}: {} line(s) skipped{}",
+                junk.len(),
+                if hidden > 0 {
+                    format!(" ({hidden} not shown)")
+                } else {
+                    String::new()
+                }
+            ),
         );
     }
 }

@@ -22,7 +22,15 @@ pub fn run(args: RunArgs, state_dir: Option<PathBuf>) -> Result<i32, Failure> {
         if let Ok(mut f) = flows2.lock() {
             let n = f.entry(p).or_default();
             if *n == 0 {
-                tracing::info!(target: "portcullis::flow", destination = %p.dst, port = ?p.dport, proto = p.proto, "blocked");
+                // One event per flow (its first logged packet); the port only where there is one.
+                match p.dport {
+                    Some(port) => {
+                        tracing::info!(target: "portcullis::flow", destination = %p.dst, protocol = %p.protocol_name(), port, "blocked")
+                    }
+                    None => {
+                        tracing::info!(target: "portcullis::flow", destination = %p.dst, protocol = %p.protocol_name(), "blocked")
+                    }
+                }
             }
             *n += 1;
         }
@@ -36,6 +44,7 @@ pub fn run(args: RunArgs, state_dir: Option<PathBuf>) -> Result<i32, Failure> {
         policy: opts.policy.clone(),
         publish: opts.publish.clone(),
         network: opts.network.clone(),
+        dnstap: opts.dnstap.clone(),
         learn: None,
         on_packet,
     };

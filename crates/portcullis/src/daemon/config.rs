@@ -43,6 +43,28 @@ pub struct Config {
     pub pki: Option<Pki>,
     #[serde(default)]
     pub limits: Limits,
+    /// Where the relay sends dnstap (`unix:PATH`, `tcp:ADDR:PORT` or `file:PATH`), each
+    /// message naming its sandbox; off when absent.
+    #[serde(default, with = "dnstap_destination")]
+    pub dnstap: Option<portcullis_dnstap::Destination>,
+}
+
+/// `dnstap` in the file: the same `unix:`/`tcp:`/`file:` form as `run --dnstap`.
+mod dnstap_destination {
+    use portcullis_dnstap::Destination;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Destination>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.collect_str(d),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Destination>, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map(Some).map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -123,6 +145,7 @@ impl Default for Config {
             pool6: default_pool6(),
             pki: None,
             limits: Limits::default(),
+            dnstap: None,
         }
     }
 }
@@ -163,6 +186,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn defaults_and_unknown_keys() {
@@ -188,5 +212,27 @@ mod tests {
         assert_eq!(c.pki.unwrap().role, "user");
         assert_eq!(c.limits.max_body_bytes, 4096);
         assert_eq!(c.limits.request_timeout_secs, 30);
+    }
+
+    #[test]
+    fn dnstap_destination() {
+        let c = Config::parse("dnstap = \"unix:/run/tap.sock\"\n", "x.toml").unwrap();
+        assert_eq!(
+            c.dnstap,
+            Some(portcullis_dnstap::Destination::Unix("/run/tap.sock".into()))
+        );
+        assert_eq!(json!(c)["dnstap"], "unix:/run/tap.sock");
+        let e = Config::parse("dnstap = \"udp:1.2.3.4:5\"\n", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("x.toml:1:10: ") && e.contains("unix:PATH"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        Config::parse(include_str!("../../../../contrib/serve.toml"), "serve.toml").unwrap();
     }
 }

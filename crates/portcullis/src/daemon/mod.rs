@@ -90,6 +90,7 @@ pub fn serve(config: Config, run_state: Option<std::path::PathBuf>) -> anyhow::R
         config.pool6,
         rt.handle().clone(),
         events.clone(),
+        config.dnstap.clone(),
     )?);
     let daemon = Arc::new(Daemon {
         config,
@@ -103,6 +104,7 @@ pub fn serve(config: Config, run_state: Option<std::path::PathBuf>) -> anyhow::R
     spawn_signal_thread(stop.clone());
     let result = rt.block_on(run(daemon.clone(), stop));
     manager.shutdown();
+    manager.close_dnstap(&rt);
     let _ = std::fs::remove_file(&daemon.config.socket);
     rt.shutdown_timeout(Duration::from_secs(1));
     result

@@ -114,6 +114,8 @@ pub struct Manager {
     /// allocated under the state directory's own lock).
     ops: tokio::sync::Mutex<()>,
     pub events: Events,
+    /// The relay's dnstap output (config `dnstap`), shared by every sandbox.
+    dnstap: Option<crate::dnstap::Producer>,
 }
 
 /// Names of sandboxes: 1 to 32 of a-z, 0-9, '-' and '_', starting with a letter or digit.
@@ -176,8 +178,10 @@ impl Manager {
         pool6: ipnet::Ipv6Net,
         rt: tokio::runtime::Handle,
         events: Events,
+        dnstap: Option<portcullis_dnstap::Destination>,
     ) -> anyhow::Result<Manager> {
         let exe = std::fs::read_link("/proc/self/exe").context("find own executable")?;
+        let dnstap = dnstap.map(|d| crate::dnstap::Producer::start(&rt, d));
         Ok(Manager {
             state,
             store,
@@ -191,6 +195,7 @@ impl Manager {
             live: Mutex::new(BTreeMap::new()),
             ops: tokio::sync::Mutex::new(()),
             events,
+            dnstap,
         })
     }
 
@@ -369,15 +374,7 @@ impl Manager {
             ),
         )
         .with_context(|| format!("write {}", resolv.display()))?;
-        let writer: Arc<dyn SetWriter> = self.netlink.clone();
-        let ctx = Arc::new(
-            SandboxCtx::new(id.table(), sandbox.peers(), policy, writer)
-                .with_cache(self.cache.clone())
-                .with_decisions(Arc::new(super::events::SandboxDecisions {
-                    events: self.events.clone(),
-                    sandbox: row.name.clone(),
-                })),
-        );
+        let ctx = Arc::new(self.relay_context(&row.name, id.table(), sandbox.peers(), policy));
         if let Some(saved) = restore {
             // After a reboot: the sets are new and empty; what was open before is opened
             // again for the rest of its lifetime.
@@ -729,15 +726,12 @@ impl Manager {
             )?;
             let moved = Some([ports.udp4, ports.tcp4, ports.udp6, ports.tcp6]) != row.relay_ports
                 || nflog.group != group;
-            let writer: Arc<dyn SetWriter> = self.netlink.clone();
-            let ctx = Arc::new(
-                SandboxCtx::new(id.table(), sandbox.peers(), policy.clone(), writer)
-                    .with_cache(self.cache.clone())
-                    .with_decisions(Arc::new(super::events::SandboxDecisions {
-                        events: self.events.clone(),
-                        sandbox: row.name.clone(),
-                    })),
-            );
+            let ctx = Arc::new(self.relay_context(
+                &row.name,
+                id.table(),
+                sandbox.peers(),
+                policy.clone(),
+            ));
             // The kernel kept the elements: only the relay's own bookkeeping is refilled.
             ctx.restore(saved, false)?;
             let mut row = row;
@@ -784,6 +778,36 @@ impl Manager {
     }
 
     /// The daemon stops: stop serving (sandboxes and their keepers stay), save elements.
+    /// The relay's view of one sandbox: the shared cache and set writer, its decisions on
+    /// the event stream, its name in logs and dnstap.
+    fn relay_context(
+        &self,
+        name: &str,
+        table: String,
+        peers: Vec<std::net::IpAddr>,
+        policy: Arc<Policy>,
+    ) -> SandboxCtx {
+        let writer: Arc<dyn SetWriter> = self.netlink.clone();
+        let ctx = SandboxCtx::new(table, peers, policy, writer)
+            .with_label(name)
+            .with_cache(self.cache.clone())
+            .with_decisions(Arc::new(super::events::SandboxDecisions {
+                events: self.events.clone(),
+                sandbox: name.to_owned(),
+            }));
+        match &self.dnstap {
+            Some(p) => ctx.with_tap(p.tap()),
+            None => ctx,
+        }
+    }
+
+    /// Flushes the dnstap queue and ends the stream (within a bound); called after `run`.
+    pub fn close_dnstap(&self, rt: &tokio::runtime::Runtime) {
+        if let Some(p) = &self.dnstap {
+            p.close(rt);
+        }
+    }
+
     pub fn shutdown(&self) {
         self.snapshot_elements();
         for live in self.all() {
