@@ -84,7 +84,7 @@ impl Targets {
 
     fn matches(&self, f: &Flow) -> bool {
         let port = |p| (f.dst, f.proto, p);
-        self.sources.contains(&f.src)
+        (self.sources.is_empty() || self.sources.contains(&f.src))
             && !f.dport.is_some_and(|p| self.spare.contains(&port(p)))
             && (self.addrs.contains(&f.dst)
                 || f.dport
@@ -92,7 +92,7 @@ impl Targets {
     }
 
     fn has_family(&self, v4: bool) -> bool {
-        self.sources.iter().any(|a| a.is_ipv4() == v4)
+        (self.sources.is_empty() || self.sources.iter().any(|a| a.is_ipv4() == v4))
             && (self.addrs.iter().any(|a| a.is_ipv4() == v4)
                 || self.ports.iter().any(|(a, ..)| a.is_ipv4() == v4))
     }
@@ -332,7 +332,8 @@ impl Ctnetlink {
 /// Deletes the conntrack entries of flows from any of `sources` to any of `dests` (an address
 /// key: every flow to it; an address-port key: flows of that protocol to that port), except
 /// flows that an address-port key of `spare` still allows, in the calling thread's network
-/// namespace. Returns how many entries were deleted.
+/// namespace. No `sources` means any source (an attached namespace: every flow in it is the
+/// sandbox's). Returns how many entries were deleted.
 ///
 /// For a policy swap: `delete_flows(&ctx.peers, &revoked.keys, &revoked.narrowed)`.
 pub fn delete_flows(
@@ -401,5 +402,18 @@ mod tests {
         assert!(!t.matches(&flow("203.0.113.130", "198.51.100.3", 6, 443)));
         assert!(t.has_family(true));
         assert!(!t.has_family(false));
+    }
+
+    #[test]
+    fn no_sources_means_every_source() {
+        let t = Targets::new(
+            &[],
+            &[ElementKey::Addr("2001:db8::1".parse().unwrap())],
+            &[],
+        );
+        assert!(t.matches(&flow("2001:db8:5::9", "2001:db8::1", 6, 443)));
+        assert!(!t.matches(&flow("2001:db8:5::9", "2001:db8::2", 6, 443)));
+        assert!(t.has_family(false));
+        assert!(!t.has_family(true));
     }
 }

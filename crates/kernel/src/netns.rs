@@ -40,3 +40,31 @@ pub fn current_id() -> Result<u64> {
         .map(|m| m.ino())
         .map_err(|e| Error::io("read own network namespace", e))
 }
+
+// NS_GET_NSTYPE (linux/nsfs.h): _IO(0xb7, 0x3), the CLONE_NEW* type of a namespace file.
+nix::ioctl_none!(ns_get_nstype, 0xb7, 0x3);
+
+/// Whether `file` is a network namespace (`/proc/PID/ns/net`, or a bind mount of one such
+/// as `/run/netns/NAME`), asked of the kernel rather than guessed from a path.
+pub fn is_network_namespace(file: &File) -> bool {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the descriptor, which `file`
+    // keeps open for the call; on anything but an nsfs file it fails with ENOTTY.
+    let kind = unsafe { ns_get_nstype(file.as_raw_fd()) };
+    kind == Ok(libc::CLONE_NEWNET)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tells_a_network_namespace_from_other_files() {
+        let own = File::open("/proc/self/ns/net").unwrap();
+        assert!(is_network_namespace(&own));
+        let mnt = File::open("/proc/self/ns/mnt").unwrap();
+        assert!(!is_network_namespace(&mnt));
+        let plain = File::open("/proc/self/status").unwrap();
+        assert!(!is_network_namespace(&plain));
+    }
+}

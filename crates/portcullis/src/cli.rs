@@ -382,6 +382,34 @@ pub enum SandboxCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Put an existing network namespace (a container's) under a policy. Only a table is
+    /// added inside it (its links, routes and resolv.conf stay as they are); `detach`
+    /// removes it again. Give exactly one of --netns and --pid.
+    Attach {
+        name: String,
+        /// The namespace's file, e.g. /run/netns/NAME or /run/docker/netns/ID.
+        #[arg(
+            long,
+            value_name = "PATH",
+            required_unless_present = "pid",
+            conflicts_with = "pid"
+        )]
+        netns: Option<PathBuf>,
+        /// A process in the namespace, as the daemon's host sees it (a container's init:
+        /// `docker inspect -f '{{.State.Pid}}' ID`).
+        #[arg(long, value_name = "PID")]
+        pid: Option<u32>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Take the policy off an attached namespace: it is back as it was before `attach`.
+    Detach {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// List the sandboxes.
     List {
         #[command(flatten)]

@@ -579,6 +579,54 @@ fn bad_input_gets_a_json_4xx_and_the_daemon_keeps_serving() {
             Some(r#"{"allow": ["a.test"]}"#.into()),
             404,
         ),
+        (
+            "POST",
+            "/1.0/sandboxes",
+            Some(r#"{"name": "x", "policy": {"allow": ["a.test"]}, "attach": {"netns": "/proc/1/ns/net", "pid": 1}}"#.into()),
+            400,
+        ),
+        (
+            "POST",
+            "/1.0/sandboxes",
+            Some(r#"{"name": "x", "policy": {"allow": ["a.test"]}, "attach": {"netns": "run/netns/x"}}"#.into()),
+            400,
+        ),
+        (
+            "POST",
+            "/1.0/sandboxes",
+            Some(r#"{"name": "x", "policy": {"allow": ["a.test"]}, "attach": {"netns": "/etc/hostname"}}"#.into()),
+            400,
+        ),
+        (
+            "POST",
+            "/1.0/sandboxes",
+            Some(r#"{"name": "x", "policy": {"allow": ["a.test"]}, "attach": {"netns": "/proc/self/ns/mnt"}}"#.into()),
+            400,
+        ),
+        (
+            "POST",
+            "/1.0/sandboxes",
+            Some(r#"{"name": "x", "policy": {"allow": ["a.test"]}, "attach": {"netns": "/run/netns/no-such-namespace"}}"#.into()),
+            404,
+        ),
+        (
+            "POST",
+            "/1.0/sandboxes",
+            Some(r#"{"name": "x", "policy": {"allow": ["a.test"]}, "attach": {"pid": 999999999}}"#.into()),
+            404,
+        ),
+        (
+            "POST",
+            "/1.0/sandboxes",
+            Some(r#"{"name": "x", "policy": {"allow": ["a.test"]}, "attach": {"netns": "/proc/self/ns/net"}}"#.into()),
+            400,
+        ),
+        (
+            "POST",
+            "/1.0/sandboxes",
+            Some(r#"{"name": "x", "policy": {"allow": ["a.test"]}, "attach": {"netns": "/proc/1/ns/net"}, "publish": ["8080:80"]}"#.into()),
+            400,
+        ),
         ("GET", "/1.0/sandboxes/..%2Fetc", None, 400),
         ("GET", "/1.0/nothing", None, 404),
         ("PATCH", "/1.0/sandboxes", None, 405),
@@ -808,6 +856,14 @@ fn exec_runs_in_the_sandbox_with_its_status_and_stdio() {
         .unwrap();
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no sandbox named nope (HTTP 404)"));
+    // The lookup went upstream: the latency histogram counted it.
+    let (_, metrics) = d.local("GET", "/1.0/metrics", None);
+    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+    let count = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("portcullis_upstream_latency_seconds_count "))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    assert!(count.is_some_and(|n| n >= 1), "{metrics}");
     // dnstap: the sandbox's lookup, named by the sandbox, decodes with BIND's dnstap-read
     // once a SIGTERM has flushed and ended the stream.
     assert_eq!(d.local("DELETE", "/1.0/sandboxes/box", None).0, 204);
@@ -905,4 +961,239 @@ fn restart_after_sigkill_keeps_fifty_sandboxes_and_their_connections() {
 
 fn testworld_root() {
     portcullis_testworld::require_root();
+}
+
+/// A network namespace made the way a container runtime makes one, outside Portcullis: a
+/// veth to the uplink (203.0.113.8/30, outside the daemon's pool), its own default route,
+/// and the world's DNS server in its resolv.conf. Removed on drop.
+struct Container {
+    name: String,
+}
+
+impl Container {
+    fn new(world: &World) -> Container {
+        let name = format!("{}-ctr", world.prefix());
+        let c = Container { name };
+        let ip = |ns: &str, args: &str| {
+            let st = Command::new("ip")
+                .args(["-n", ns])
+                .args(args.split_whitespace())
+                .status()
+                .unwrap();
+            assert!(st.success(), "ip -n {ns} {args}");
+        };
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", &c.name])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let etc = Path::new("/etc/netns").join(&c.name);
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("resolv.conf"), "nameserver 198.51.100.53\n").unwrap();
+        // No duplicate address detection: the link-local address is final at once, so the
+        // before/after comparison of addresses sees no "tentative" flag go.
+        for key in ["all", "default"] {
+            let st = c
+                .cmd("sysctl")
+                .args(["-qw", &format!("net.ipv6.conf.{key}.accept_dad=0")])
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        ip(&c.name, "link set lo up");
+        ip(
+            world.uplink_ns(),
+            &format!("link add ctr0 type veth peer name eth0 netns {}", c.name),
+        );
+        ip(world.uplink_ns(), "addr add 203.0.113.9/30 dev ctr0");
+        ip(world.uplink_ns(), "link set ctr0 up");
+        ip(&c.name, "addr add 203.0.113.10/30 dev eth0");
+        ip(&c.name, "link set eth0 up");
+        ip(&c.name, "route add default via 203.0.113.9");
+        c
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    fn python(&self, script: &str, arg: &str) -> String {
+        let o = self
+            .cmd("python3")
+            .args(["-c", script, arg])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    }
+
+    /// Everything of the namespace that attaching must leave as it was, and its ruleset.
+    fn state(&self) -> (String, String) {
+        let out = |args: &[&str]| {
+            let o = Command::new("ip")
+                .args(["-n", &self.name])
+                .args(args)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        let links = format!(
+            "{}{}{}",
+            out(&["addr"]),
+            out(&["route"]),
+            out(&["-6", "route"])
+        );
+        let o = self.cmd("nft").args(["list", "ruleset"]).output().unwrap();
+        (links, String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
+    }
+}
+
+#[test]
+fn attach_filters_a_foreign_namespace_and_detach_restores_it() {
+    testworld_root();
+    let world = World::new(
+        &Zone::new()
+            .a("a.test", A4.parse::<Ipv4Addr>().unwrap(), 300)
+            .a("b.test", B4.parse::<Ipv4Addr>().unwrap(), 300),
+    );
+    world.serve_tcp(80);
+    let dir = tempdir(&world, "attach");
+    let mut d = Daemon::start_with_pool(&world, &dir, "203.0.113.128/25");
+    let ctr = Container::new(&world);
+    let b4: std::net::IpAddr = B4.parse().unwrap();
+    // Before: the container resolves through the world's server and reaches everything.
+    assert_eq!(ctr.python(RESOLVE, "b.test"), B4);
+    assert_eq!(ctr.python(ONCE, B4), "OK");
+    let before = ctr.state();
+    let cli = |args: &[&str]| {
+        world
+            .uplink_cmd(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("sandbox")
+            .arg(args[0])
+            .arg("--socket")
+            .arg(d.socket())
+            .args(&args[1..])
+            .output()
+            .unwrap()
+    };
+    let ok = |o: std::process::Output| {
+        assert!(
+            o.status.success(),
+            "{} {}",
+            String::from_utf8_lossy(&o.stderr),
+            d.log()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    // Attach by the pid of a process inside, as `docker inspect` gives it.
+    let mut init = KillOnDrop(ctr.cmd("sleep").arg("600").spawn().unwrap());
+    let pid = init.0.id().to_string();
+    ok(cli(&["attach", "box", "--pid", &pid, "--allow", "a.test"]));
+    let check_filtered = |when: &str| {
+        assert_eq!(ctr.python(RESOLVE, "a.test"), A4, "{when}");
+        assert_eq!(ctr.python(ONCE, A4), "OK", "{when}");
+        assert_eq!(ctr.python(RESOLVE, "b.test"), "FAILED", "{when}");
+        // The hard-coded address of a denied name: dropped in the namespace itself.
+        let syns = world.syns_to(b4, 80);
+        assert_eq!(ctr.python(ONCE, B4), "BLOCKED", "{when}");
+        assert_eq!(
+            world.syns_to(b4, 80),
+            syns,
+            "{when}: a SYN reached the world"
+        );
+    };
+    check_filtered("attached by pid");
+    let (links, rules) = ctr.state();
+    assert_eq!(links, before.0, "attach changed links, addresses or routes");
+    assert!(rules.contains("table inet portcullis_"), "{rules}");
+    let list = ok(cli(&["list"]));
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("box ") && l.contains("attached")),
+        "{list}"
+    );
+    // Exec is the container runtime's business, not the daemon's.
+    let o = cli(&["exec", "box", "--", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("attached namespace"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // One namespace, one policy.
+    let o = cli(&[
+        "attach",
+        "again",
+        "--netns",
+        &ctr.path(),
+        "--allow",
+        "b.test",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("HTTP 409"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Detach: the namespace is exactly as it was, and reaches everything again.
+    ok(cli(&["detach", "box"]));
+    assert_eq!(ctr.state(), before, "detach left something behind");
+    assert_eq!(ctr.python(RESOLVE, "b.test"), B4);
+    assert_eq!(ctr.python(ONCE, B4), "OK");
+
+    // Attach by the namespace's file; the daemon is killed and started again: adopted, still
+    // filtered, and a policy swap applies inside the namespace.
+    ok(cli(&[
+        "attach",
+        "box",
+        "--netns",
+        &ctr.path(),
+        "--allow",
+        "a.test",
+    ]));
+    check_filtered("attached by file");
+    d.kill();
+    d.spawn();
+    check_filtered("after a SIGKILL restart");
+    let (code, v) = d.local(
+        "PUT",
+        "/1.0/sandboxes/box/policy",
+        Some(&json!({"allow": ["b.test"]}).to_string()),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(ctr.python(RESOLVE, "b.test"), B4);
+    assert_eq!(ctr.python(ONCE, B4), "OK");
+    assert_eq!(ctr.python(RESOLVE, "a.test"), "FAILED");
+    // The namespace's owner goes (a container removed): detached by the daemon itself.
+    init.0.kill().unwrap();
+    let _ = init.0.wait();
+    assert!(
+        Command::new("ip")
+            .args(["netns", "del", &ctr.name])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            d.local("GET", "/1.0/sandboxes", None).1 == json!([])
+        }),
+        "a gone namespace stayed attached: {}",
+        d.log()
+    );
 }

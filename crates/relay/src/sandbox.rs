@@ -173,6 +173,10 @@ pub struct SavedElement {
 /// "failed"; `addresses` are those released (allowed only). Called before the answer goes.
 pub trait DecisionSink: Send + Sync + std::fmt::Debug {
     fn decided(&self, name: &str, qtype: &str, decision: &str, addresses: &[IpAddr]);
+
+    /// How long the upstream took to answer a forwarded query (not called for cache hits,
+    /// nor for failures).
+    fn upstream_answered(&self, _elapsed: Duration) {}
 }
 
 /// One sandbox, as the relay serves it.
@@ -265,6 +269,22 @@ impl SandboxCtx {
             tap: None,
             table,
         }
+    }
+
+    /// Runs an upstream exchange, telling the decision sink (if any) how long an answer took.
+    async fn timed<T, E>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let Some(d) = &self.decisions else {
+            return f.await;
+        };
+        let started = Instant::now();
+        let r = f.await;
+        if r.is_ok() {
+            d.upstream_answered(started.elapsed());
+        }
+        r
     }
 
     /// Reports every decision to `sink` (see `DecisionSink`).
@@ -427,14 +447,15 @@ impl SandboxCtx {
         // place); its addresses still go through `open` below before it is released.
         let (msg, wire, bound) = match self.cache.lookup(&q.message, bytes, tcp) {
             Some(hit) => (None, hit.wire, hit.bound),
-            None => match upstream::forward_tapped(
-                cfg,
-                &q,
-                bytes,
-                tcp,
-                self.tap.as_deref().map(|t| (t, self.label.as_str())),
-            )
-            .await
+            None => match self
+                .timed(upstream::forward_tapped(
+                    cfg,
+                    &q,
+                    bytes,
+                    tcp,
+                    self.tap.as_deref().map(|t| (t, self.label.as_str())),
+                ))
+                .await
             {
                 Ok((msg, raw)) => {
                     if msg.metadata.response_code == ResponseCode::ServFail {

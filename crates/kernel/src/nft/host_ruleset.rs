@@ -9,6 +9,11 @@
 //! sends the group's DNS to the relay on loopback, a filter `output` chain that lets the group
 //! reach only what the sets and the CIDR rules opened, and an `input` guard that lets only
 //! redirected queries reach the relay. Everything not of the group passes untouched.
+//!
+//! The same table, with [`Selector::Namespace`], puts a policy on a whole network namespace
+//! made by someone else (`portcullis sandbox attach`, a container's): it is written into
+//! that namespace, every socket there is the sandbox's, its own loopback stays open, and what
+//! it forwards (nested namespaces) meets the same egress filter.
 
 use std::fmt::Write as _;
 
@@ -27,13 +32,19 @@ pub enum Selector {
     Cgroup { path: String, level: u32 },
     /// Sockets owned by user `uid` (the fallback without cgroup v2: a dedicated user).
     Owner { uid: u32 },
+    /// Every packet of the namespace the table is in (an attached namespace).
+    Namespace,
 }
 
 impl Selector {
+    /// The rule prefix matching the selected packets, with a trailing space (or nothing).
     fn nft(&self) -> String {
         match self {
-            Selector::Cgroup { path, level } => format!("socket cgroupv2 level {level} \"{path}\""),
-            Selector::Owner { uid } => format!("meta skuid {uid}"),
+            Selector::Cgroup { path, level } => {
+                format!("socket cgroupv2 level {level} \"{path}\" ")
+            }
+            Selector::Owner { uid } => format!("meta skuid {uid} "),
+            Selector::Namespace => String::new(),
         }
     }
 }
@@ -63,8 +74,8 @@ pub fn host_ruleset(r: &HostRules<'_>) -> String {
     let sel = r.selector.nft();
     let p = r.relay;
     let mut redirect = format!(
-        "\t\t{sel} meta nfproto ipv4 udp dport 53 dnat ip to 127.0.0.1:{u4}\n\
-         \t\t{sel} meta nfproto ipv4 tcp dport 53 dnat ip to 127.0.0.1:{t4}\n",
+        "\t\t{sel}meta nfproto ipv4 udp dport 53 dnat ip to 127.0.0.1:{u4}\n\
+         \t\t{sel}meta nfproto ipv4 tcp dport 53 dnat ip to 127.0.0.1:{t4}\n",
         u4 = p.udp4,
         t4 = p.tcp4
     );
@@ -85,8 +96,8 @@ pub fn host_ruleset(r: &HostRules<'_>) -> String {
     if let Some((u6, t6)) = p.v6 {
         let _ = write!(
             redirect,
-            "\t\t{sel} meta nfproto ipv6 udp dport 53 dnat ip6 to [::1]:{u6}\n\
-             \t\t{sel} meta nfproto ipv6 tcp dport 53 dnat ip6 to [::1]:{t6}\n"
+            "\t\t{sel}meta nfproto ipv6 udp dport 53 dnat ip6 to [::1]:{u6}\n\
+             \t\t{sel}meta nfproto ipv6 tcp dport 53 dnat ip6 to [::1]:{t6}\n"
         );
         let _ = write!(
             guard,
@@ -102,6 +113,17 @@ pub fn host_ruleset(r: &HostRules<'_>) -> String {
         );
     }
     let statics = static_accepts(r.statics);
+    // An attached namespace's loopback is its own (its services talking to each other), and
+    // it may route for namespaces nested in it: their new flows are filtered alike.
+    let (output, forward) = match r.selector {
+        Selector::Namespace => (
+            "\t\toifname \"lo\" accept\n\t\tjump egress\n".to_owned(),
+            "\n\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\
+             \t\tjump egress\n\t}\n"
+                .to_owned(),
+        ),
+        _ => (format!("\t\t{sel}jump egress\n"), String::new()),
+    };
     format!(
         r#"table inet {table} {{
 {sets}
@@ -118,9 +140,8 @@ pub fn host_ruleset(r: &HostRules<'_>) -> String {
 
 	chain output {{
 		type filter hook output priority filter; policy accept;
-		{sel} jump egress
-	}}
-
+{output}	}}
+{forward}
 	# CMD's egress: replies, queries to the relay, what CIDR rules open; never the host's
 	# own addresses by name (as in run, where the host drops what a sandbox sends it); then
 	# what DNS answers opened. The rest, the host's loopback services included, is logged
@@ -239,6 +260,20 @@ mod tests {
             "limit rate 200/second burst 200 packets log group 4242"
         );
         assert_eq!(lines[lines.len() - 1], "counter name blocked drop");
+    }
+
+    #[test]
+    fn an_attached_namespace_is_filtered_whole_with_its_loopback_open() {
+        let t = text(&Selector::Namespace, true);
+        let nat = chain(&t, "dns_redirect");
+        assert!(nat.contains("\t\tmeta nfproto ipv4 udp dport 53 dnat ip to 127.0.0.1:1001"));
+        let out = chain(&t, "output");
+        let lines: Vec<&str> = out.lines().map(str::trim).collect();
+        assert_eq!(lines[2..], ["oifname \"lo\" accept", "jump egress"]);
+        let fwd = chain(&t, "forward");
+        assert!(fwd.contains("type filter hook forward priority filter; policy accept;"));
+        assert!(fwd.trim_end().ends_with("jump egress"));
+        assert!(!t.contains("cgroupv2") && !t.contains("skuid"));
     }
 
     #[test]

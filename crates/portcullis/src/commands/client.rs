@@ -77,6 +77,43 @@ pub fn sandbox(cmd: SandboxCommand) -> Result<i32, Failure> {
                 v["pid"].as_u64().unwrap_or(0)
             );
         }
+        SandboxCommand::Attach {
+            name,
+            netns,
+            pid,
+            policy,
+            client,
+        } => {
+            let target = match (netns, pid) {
+                (Some(p), _) => {
+                    // The daemon resolves paths in its own file system: an absolute one.
+                    let p = std::path::absolute(&p)
+                        .map_err(|e| fail(USAGE, format!("--netns {}: {e}", p.display())))?;
+                    json!({ "netns": p })
+                }
+                (None, pid) => json!({ "pid": pid }),
+            };
+            let body = json!({"name": name, "policy": policy_body(&policy)?, "attach": target});
+            let v = call(&client, Method::POST, "/1.0/sandboxes", Some(body))?;
+            eprintln!(
+                "sandbox {name} attached to {}",
+                v["netns"].as_str().unwrap_or("?")
+            );
+        }
+        SandboxCommand::Detach { name, client } => {
+            let path = format!("/1.0/sandboxes/{name}");
+            let v = call(&client, Method::GET, &path, None)?;
+            if v.get("attached").is_none() {
+                return Err(fail(
+                    USAGE,
+                    format!(
+                        "sandbox {name} is not an attached namespace (remove it with `portcullis sandbox delete {name}`)"
+                    ),
+                ));
+            }
+            call(&client, Method::DELETE, &path, None)?;
+            eprintln!("sandbox {name} detached");
+        }
         SandboxCommand::List { client } => {
             let v = call(&client, Method::GET, "/1.0/sandboxes", None)?;
             println!(
@@ -88,7 +125,13 @@ pub fn sandbox(cmd: SandboxCommand) -> Result<i32, Failure> {
                     "{:<24} {:<8} {:<10} {:>8} {:>8}",
                     s["name"].as_str().unwrap_or(""),
                     s["status"].as_str().unwrap_or(""),
-                    s["network"].as_str().unwrap_or("-"),
+                    s["network"]
+                        .as_str()
+                        .unwrap_or(if s.get("attached").is_some() {
+                            "(attached)"
+                        } else {
+                            "-"
+                        }),
                     s["set_elements"].as_u64().unwrap_or(0),
                     s["blocked_packets"].as_u64().unwrap_or(0),
                 );

@@ -118,6 +118,8 @@ mod tests {
 pub struct SandboxDecisions {
     pub events: Events,
     pub sandbox: String,
+    /// The daemon's upstream latency histogram.
+    pub latency: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl portcullis_relay::DecisionSink for SandboxDecisions {
@@ -126,5 +128,9 @@ impl portcullis_relay::DecisionSink for SandboxDecisions {
             self.events
                 .dns(&self.sandbox, name, qtype, decision, addresses);
         }
+    }
+
+    fn upstream_answered(&self, elapsed: std::time::Duration) {
+        self.latency.observe(elapsed.as_secs_f64());
     }
 }

@@ -96,6 +96,13 @@ pub async fn exec(
             .map_err(|e| ApiError::bad_request(format!("{e:#}")))?,
         None => None,
     };
+    if live.is_attached() {
+        return Err(ApiError::conflict(format!(
+            "sandbox {} is an attached namespace: run commands there with its own runtime \
+             (docker exec, nsenter); they are filtered all the same",
+            live.name
+        )));
+    }
     let keeper = live
         .keeper()
         .ok_or_else(|| ApiError::internal("the sandbox has no keeper"))?;

@@ -82,6 +82,7 @@ pub fn serve(config: Config, run_state: Option<std::path::PathBuf>) -> anyhow::R
     };
     let rt = crate::session::relay_runtime().map_err(|f| f.error)?;
     let events = events::Events::default();
+    let upstream_latency = metrics::UpstreamLatency::default();
     let manager = Arc::new(sandboxes::Manager::new(
         state,
         store.clone(),
@@ -91,6 +92,7 @@ pub fn serve(config: Config, run_state: Option<std::path::PathBuf>) -> anyhow::R
         rt.handle().clone(),
         events.clone(),
         config.dnstap.clone(),
+        upstream_latency.histogram.clone(),
     )?);
     let daemon = Arc::new(Daemon {
         config,
@@ -98,7 +100,7 @@ pub fn serve(config: Config, run_state: Option<std::path::PathBuf>) -> anyhow::R
         trust,
         sandboxes: manager.clone(),
         server_cert,
-        upstream_latency: metrics::UpstreamLatency::default(),
+        upstream_latency,
     });
     let stop = Arc::new(tokio::sync::Notify::new());
     spawn_signal_thread(stop.clone());
@@ -189,14 +191,19 @@ async fn run(d: Arc<Daemon>, stop: Arc<tokio::sync::Notify>) -> anyhow::Result<(
             }
         });
     }
-    // Set elements are snapshotted to the database, to re-populate the sets after a reboot.
+    // Set elements are snapshotted to the database, to re-populate the sets after a reboot;
+    // attached namespaces whose owner is gone are detached.
     let m = d.sandboxes.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         loop {
             tick.tick().await;
             let m = m.clone();
-            let _ = tokio::task::spawn_blocking(move || m.snapshot_elements()).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                m.snapshot_elements();
+                m.reap_attached();
+            })
+            .await;
         }
     });
     d.sandboxes.events.lifecycle(

@@ -8,6 +8,9 @@
 //! whether the daemon runs or not. When the daemon is down, nothing answers the sandbox's DNS,
 //! so nothing new opens (fail closed); what was open expires on its own timeouts, and
 //! established connections go on (their conntrack entries and the table stay).
+//!
+//! An attached sandbox (`attach`) is a namespace someone else made, a container's: it has no
+//! keeper and no links of ours, only a table inside that namespace (see `attach`).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -35,6 +38,9 @@ use super::events::Events;
 use super::store::{PolicySource, SandboxRow, Store};
 use crate::sandbox::Sandbox;
 
+mod attach;
+pub use attach::AttachTarget;
+
 /// Blocked destinations itemised per sandbox; beyond, packets are only counted.
 const MAX_BLOCKED_ENTRIES: usize = 10_000;
 
@@ -48,6 +54,9 @@ pub struct CreateRequest {
     pub network: Option<String>,
     #[serde(default)]
     pub publish: Vec<String>,
+    /// Put the policy on an existing network namespace instead of making one.
+    #[serde(default)]
+    pub attach: Option<AttachTarget>,
 }
 
 /// A sandbox as the API shows it.
@@ -66,6 +75,9 @@ pub struct SandboxView {
     pub set_elements: usize,
     pub blocked_packets: u64,
     pub created_at: i64,
+    /// The namespace an attached sandbox filters (absent for the daemon's own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attached: Option<super::store::AttachSource>,
 }
 
 /// One sandbox the daemon serves.
@@ -75,6 +87,10 @@ pub struct Live {
     pub row: Mutex<SandboxRow>,
     pub ctx: Arc<SandboxCtx>,
     sandbox: Mutex<Option<Sandbox>>,
+    /// Set for an attached namespace (then `sandbox` is None).
+    attached: Option<attach::Attached>,
+    /// Writes this sandbox's sets: the daemon's socket, or one inside an attached namespace.
+    writer: Arc<NetlinkSetWriter>,
     relay_tasks: Vec<tokio::task::AbortHandle>,
     nflog_stop: Arc<AtomicBool>,
     pub blocked: Arc<Mutex<BTreeMap<BlockedPacket, u64>>>,
@@ -85,6 +101,11 @@ pub struct Live {
 }
 
 impl Live {
+    /// Whether this is an attached namespace (no keeper; not the daemon's to run things in).
+    pub fn is_attached(&self) -> bool {
+        self.attached.is_some()
+    }
+
     pub fn keeper(&self) -> Option<u32> {
         self.row.lock().ok().and_then(|r| r.keeper.map(|k| k.0))
     }
@@ -114,6 +135,8 @@ pub struct Manager {
     /// allocated under the state directory's own lock).
     ops: tokio::sync::Mutex<()>,
     pub events: Events,
+    /// Fed with every upstream answer's latency (metrics).
+    latency: prometheus_client::metrics::histogram::Histogram,
     /// The relay's dnstap output (config `dnstap`), shared by every sandbox.
     dnstap: Option<crate::dnstap::Producer>,
 }
@@ -179,6 +202,7 @@ impl Manager {
         rt: tokio::runtime::Handle,
         events: Events,
         dnstap: Option<portcullis_dnstap::Destination>,
+        latency: prometheus_client::metrics::histogram::Histogram,
     ) -> anyhow::Result<Manager> {
         let exe = std::fs::read_link("/proc/self/exe").context("find own executable")?;
         let dnstap = dnstap.map(|d| crate::dnstap::Producer::start(&rt, d));
@@ -195,6 +219,7 @@ impl Manager {
             live: Mutex::new(BTreeMap::new()),
             ops: tokio::sync::Mutex::new(()),
             events,
+            latency,
             dnstap,
         })
     }
@@ -214,10 +239,21 @@ impl Manager {
         let row = live.row.lock().map(|r| r.clone()).ok();
         let id = row.as_ref().map(|r| r.id.clone()).unwrap_or_default();
         let keeper = row.as_ref().and_then(|r| r.keeper);
-        let alive = keeper.is_some_and(|(pid, st)| start_time(pid) == Some(st));
+        let (alive, pid, netns) = match &live.attached {
+            Some(a) => (
+                a.alive(),
+                a.source.pid.map(|p| p.0),
+                Some(a.source.netns.clone()),
+            ),
+            None => (
+                keeper.is_some_and(|(pid, st)| start_time(pid) == Some(st)),
+                keeper.map(|k| k.0),
+                keeper.map(|k| format!("/proc/{}/ns/net", k.0)),
+            ),
+        };
         let blocked = SandboxId::parse(&id)
             .and_then(|id| {
-                self.netlink
+                live.writer
                     .counter_packets(&id.table(), COUNTER_BLOCKED)
                     .ok()
             })
@@ -225,7 +261,12 @@ impl Manager {
         SandboxView {
             name: live.name.clone(),
             id,
-            status: if alive { "running" } else { "broken" },
+            status: match (alive, live.is_attached()) {
+                (true, false) => "running",
+                (true, true) => "attached",
+                (false, false) => "broken",
+                (false, true) => "gone",
+            },
             policy: row
                 .as_ref()
                 .map(|r| r.policy.clone())
@@ -235,18 +276,22 @@ impl Manager {
                 }),
             network: row.as_ref().and_then(|r| r.network.clone()),
             publish: row.as_ref().map(|r| r.publish.clone()).unwrap_or_default(),
-            pid: keeper.map(|k| k.0),
-            netns: keeper.map(|k| format!("/proc/{}/ns/net", k.0)),
+            pid,
+            netns,
             addresses: live.peers.clone(),
             set_elements: live.ctx.live_elements(),
             blocked_packets: blocked,
-            created_at: row.map_or(0, |r| r.created_at),
+            created_at: row.as_ref().map_or(0, |r| r.created_at),
+            attached: row.and_then(|r| r.attach),
         }
     }
 
     /// Creates a sandbox (API: `POST /1.0/sandboxes`).
     pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<SandboxView, ApiError> {
         valid_name(&req.name)?;
+        if let Some(target) = req.attach.clone() {
+            return self.attach(req, target).await;
+        }
         let policy = Arc::new(compile(&req.policy)?);
         let publish = publishes(&req.publish)?;
         let network = match &req.network {
@@ -374,7 +419,13 @@ impl Manager {
             ),
         )
         .with_context(|| format!("write {}", resolv.display()))?;
-        let ctx = Arc::new(self.relay_context(&row.name, id.table(), sandbox.peers(), policy));
+        let ctx = Arc::new(self.relay_context(
+            &row.name,
+            id.table(),
+            sandbox.peers(),
+            policy,
+            self.netlink.clone(),
+        ));
         if let Some(saved) = restore {
             // After a reboot: the sets are new and empty; what was open before is opened
             // again for the rest of its lifetime.
@@ -395,7 +446,7 @@ impl Manager {
         row.relay_ports = Some([ports.udp4, ports.tcp4, ports.udp6, ports.tcp6]);
         row.nflog_group = Some(nflog.group);
         self.store.put_sandbox(&row)?;
-        let live = self.serve(row, sandbox, ctx, sockets, nflog)?;
+        let live = self.serve(row, ctx, self.wiring(sandbox, sockets, nflog))?;
         Ok(live)
     }
 
@@ -429,42 +480,52 @@ impl Manager {
         let s = RelaySockets {
             udp4: udp(a.host4.into(), pu4)?,
             tcp4: tcp(a.host4.into(), pt4)?,
-            udp6: udp(a.host6.into(), pu6)?,
-            tcp6: tcp(a.host6.into(), pt6)?,
+            v6: Some((udp(a.host6.into(), pu6)?, tcp(a.host6.into(), pt6)?)),
         };
-        let ports = RelayPorts {
-            udp4: s.udp4.local_addr()?.port(),
-            tcp4: s.tcp4.local_addr()?.port(),
-            udp6: s.udp6.local_addr()?.port(),
-            tcp6: s.tcp6.local_addr()?.port(),
-        };
-        Ok((ports, s))
+        Ok((ports_of(s.ports()?), s))
+    }
+
+    /// What `serve` needs of a sandbox made (or adopted) by the daemon.
+    fn wiring(&self, sandbox: Sandbox, sockets: RelaySockets, nflog: NflogGroup) -> Wiring {
+        Wiring {
+            peers: sandbox.peers(),
+            sandbox: Some(sandbox),
+            attached: None,
+            writer: self.netlink.clone(),
+            sockets,
+            nflog,
+        }
     }
 
     /// Starts the relay tasks and the NFLOG reader of a wired sandbox and lists it.
     fn serve(
         self: &Arc<Self>,
         row: SandboxRow,
-        sandbox: Sandbox,
         ctx: Arc<SandboxCtx>,
-        s: RelaySockets,
-        nflog: NflogGroup,
+        w: Wiring,
     ) -> anyhow::Result<Arc<Live>> {
         let cfg = self.relay.clone();
-        let tasks = vec![
+        let (s, nflog) = (w.sockets, w.nflog);
+        let mut tasks = vec![
             self.rt
                 .spawn(server::serve_udp(s.udp4, ctx.clone(), cfg.clone()))
                 .abort_handle(),
             self.rt
                 .spawn(server::serve_tcp(s.tcp4, ctx.clone(), cfg.clone()))
                 .abort_handle(),
-            self.rt
-                .spawn(server::serve_udp(s.udp6, ctx.clone(), cfg.clone()))
-                .abort_handle(),
-            self.rt
-                .spawn(server::serve_tcp(s.tcp6, ctx.clone(), cfg))
-                .abort_handle(),
         ];
+        if let Some((udp6, tcp6)) = s.v6 {
+            tasks.push(
+                self.rt
+                    .spawn(server::serve_udp(udp6, ctx.clone(), cfg.clone()))
+                    .abort_handle(),
+            );
+            tasks.push(
+                self.rt
+                    .spawn(server::serve_tcp(tcp6, ctx.clone(), cfg))
+                    .abort_handle(),
+            );
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let blocked: Arc<Mutex<BTreeMap<BlockedPacket, u64>>> = Arc::default();
         let unlisted = Arc::new(AtomicU64::new(0));
@@ -486,10 +547,12 @@ impl Manager {
         })?;
         let live = Arc::new(Live {
             name: row.name.clone(),
-            peers: sandbox.peers(),
+            peers: w.peers,
             row: Mutex::new(row),
             ctx,
-            sandbox: Mutex::new(Some(sandbox)),
+            sandbox: Mutex::new(w.sandbox),
+            attached: w.attached,
+            writer: w.writer,
             relay_tasks: tasks,
             nflog_stop: stop,
             blocked,
@@ -522,14 +585,21 @@ impl Manager {
         for e in &errors {
             tracing::warn!(sandbox = %name, "teardown: {e}");
         }
-        self.events
-            .lifecycle(name, "sandbox-deleted", serde_json::json!({}));
+        let event = if live.is_attached() {
+            "sandbox-detached"
+        } else {
+            "sandbox-deleted"
+        };
+        self.events.lifecycle(name, event, serde_json::json!({}));
         Ok(())
     }
 
     /// Stops serving the sandbox, ends its keeper, removes its kernel objects.
     fn destroy(&self, live: &Live) -> Vec<String> {
         live.stop_serving();
+        if let Some(a) = &live.attached {
+            return attach::detach(live, a);
+        }
         let keeper = live.row.lock().ok().and_then(|r| r.keeper);
         if let Some((pid, started)) = keeper {
             stop_keeper(pid, started);
@@ -576,12 +646,16 @@ impl Manager {
         source: PolicySource,
     ) -> anyhow::Result<PolicyChange> {
         let started = Instant::now();
-        let mut row = live
+        let row = live
             .row
             .lock()
             .map_err(|_| anyhow!("sandbox state poisoned"))?
             .clone();
         let id = SandboxId::parse(&row.id).ok_or_else(|| anyhow!("bad sandbox id"))?;
+        if let Some(a) = &live.attached {
+            let cut = attach::swap(live, a, &id, &row, policy)?;
+            return self.swapped(live, row, source, cut, started);
+        }
         // CIDR rules live in the table's egress chain: rewritten first, in one transaction,
         // without touching the sets.
         let sb = live.sandbox.lock().map_err(|_| anyhow!("poisoned"))?;
@@ -602,6 +676,18 @@ impl Manager {
                 &revoked.narrowed,
             )?
         };
+        self.swapped(live, row, source, (revoked, cut), started)
+    }
+
+    /// Records a swapped policy and says what it did.
+    fn swapped(
+        &self,
+        live: &Live,
+        mut row: SandboxRow,
+        source: PolicySource,
+        (revoked, cut): (portcullis_relay::Revoked, usize),
+        started: Instant,
+    ) -> anyhow::Result<PolicyChange> {
         row.policy = source;
         self.store.put_sandbox(&row)?;
         if let Ok(mut r) = live.row.lock() {
@@ -702,6 +788,9 @@ impl Manager {
             }
             None => Vec::new(),
         };
+        if row.attach.is_some() {
+            return self.restore_attached(row, policy, saved);
+        }
         let id = SandboxId::parse(&row.id);
         let record = id.as_ref().and_then(|id| {
             self.state
@@ -731,6 +820,7 @@ impl Manager {
                 id.table(),
                 sandbox.peers(),
                 policy.clone(),
+                self.netlink.clone(),
             ));
             // The kernel kept the elements: only the relay's own bookkeeping is refilled.
             ctx.restore(saved, false)?;
@@ -744,7 +834,7 @@ impl Manager {
                 sandbox.record_nflog_group(nflog.group)?;
                 self.store.put_sandbox(&row)?;
             }
-            self.serve(row, sandbox, ctx, sockets, nflog)?;
+            self.serve(row, ctx, self.wiring(sandbox, sockets, nflog))?;
             return Ok("adopted: its keeper, table and sets outlived the daemon");
         }
         // Gone (a reboot, or its keeper was killed): remove what is left and make it anew.
@@ -777,7 +867,6 @@ impl Manager {
         Ok("made anew: its keeper was gone; sets re-populated from the stored snapshot")
     }
 
-    /// The daemon stops: stop serving (sandboxes and their keepers stay), save elements.
     /// The relay's view of one sandbox: the shared cache and set writer, its decisions on
     /// the event stream, its name in logs and dnstap.
     fn relay_context(
@@ -786,14 +875,16 @@ impl Manager {
         table: String,
         peers: Vec<std::net::IpAddr>,
         policy: Arc<Policy>,
+        writer: Arc<NetlinkSetWriter>,
     ) -> SandboxCtx {
-        let writer: Arc<dyn SetWriter> = self.netlink.clone();
+        let writer: Arc<dyn SetWriter> = writer;
         let ctx = SandboxCtx::new(table, peers, policy, writer)
             .with_label(name)
             .with_cache(self.cache.clone())
             .with_decisions(Arc::new(super::events::SandboxDecisions {
                 events: self.events.clone(),
                 sandbox: name.to_owned(),
+                latency: self.latency.clone(),
             }));
         match &self.dnstap {
             Some(p) => ctx.with_tap(p.tap()),
@@ -808,6 +899,7 @@ impl Manager {
         }
     }
 
+    /// The daemon stops: stop serving (sandboxes and their keepers stay), save elements.
     pub fn shutdown(&self) {
         self.snapshot_elements();
         for live in self.all() {
@@ -837,8 +929,34 @@ pub struct PolicyChange {
 struct RelaySockets {
     udp4: tokio::net::UdpSocket,
     tcp4: tokio::net::TcpListener,
-    udp6: tokio::net::UdpSocket,
-    tcp6: tokio::net::TcpListener,
+    /// None where IPv6 could not be bound (an attached namespace without `::1`).
+    v6: Option<(tokio::net::UdpSocket, tokio::net::TcpListener)>,
+}
+
+impl RelaySockets {
+    /// The ports as stored (udp4, tcp4, udp6, tcp6; 0 for no IPv6).
+    fn ports(&self) -> std::io::Result<[u16; 4]> {
+        let (u6, t6) = match &self.v6 {
+            Some((u, t)) => (u.local_addr()?.port(), t.local_addr()?.port()),
+            None => (0, 0),
+        };
+        Ok([
+            self.udp4.local_addr()?.port(),
+            self.tcp4.local_addr()?.port(),
+            u6,
+            t6,
+        ])
+    }
+}
+
+/// A sandbox's kernel side, ready to be served.
+struct Wiring {
+    sandbox: Option<Sandbox>,
+    attached: Option<attach::Attached>,
+    peers: Vec<IpAddr>,
+    writer: Arc<NetlinkSetWriter>,
+    sockets: RelaySockets,
+    nflog: NflogGroup,
 }
 
 /// The ruleset of a daemon's sandbox (never learning): one place for create, swap, restore.

@@ -35,6 +35,10 @@ pub struct AttachSource {
     /// Its inode when attached: a namespace file that now names another namespace is not
     /// the one the policy was put on.
     pub inode: u64,
+    /// `--pid`: the process and its start time (clock ticks after boot); when it ends, the
+    /// namespace is taken for gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<(u32, u64)>,
 }
 
 /// One sandbox as stored.
