@@ -56,6 +56,8 @@ struct Targets {
     ports: HashSet<(IpAddr, u8, u16)>,
     /// Flows still allowed (address-port keys added by a narrowing swap): never cut.
     spare: HashSet<(IpAddr, u8, u16)>,
+    /// Every destination off the namespace (`delete_outgoing`): neither loopback nor `local`.
+    every_off: Option<HashSet<IpAddr>>,
 }
 
 impl Targets {
@@ -83,6 +85,9 @@ impl Targets {
     }
 
     fn matches(&self, f: &Flow) -> bool {
+        if let Some(local) = &self.every_off {
+            return !f.dst.is_loopback() && !local.contains(&f.dst);
+        }
         let port = |p| (f.dst, f.proto, p);
         (self.sources.is_empty() || self.sources.contains(&f.src))
             && !f.dport.is_some_and(|p| self.spare.contains(&port(p)))
@@ -92,6 +97,9 @@ impl Targets {
     }
 
     fn has_family(&self, v4: bool) -> bool {
+        if self.every_off.is_some() {
+            return true;
+        }
         (self.sources.is_empty() || self.sources.iter().any(|a| a.is_ipv4() == v4))
             && (self.addrs.iter().any(|a| a.is_ipv4() == v4)
                 || self.ports.iter().any(|(a, ..)| a.is_ipv4() == v4))
@@ -341,7 +349,21 @@ pub fn delete_flows(
     dests: &[ElementKey],
     spare: &[ElementKey],
 ) -> Result<usize> {
-    let targets = Targets::new(sources, dests, spare);
+    delete_matching(&Targets::new(sources, dests, spare))
+}
+
+/// Deletes the conntrack entries of every flow of the calling thread's namespace to a
+/// destination off it: not loopback, not one of `local` (its own addresses, which inbound
+/// connections are to), forwarded ones included. For a namespace just attached: what it had
+/// open before starts anew under the policy. Returns how many entries were deleted.
+pub fn delete_outgoing(local: &[IpAddr]) -> Result<usize> {
+    delete_matching(&Targets {
+        every_off: Some(local.iter().copied().collect()),
+        ..Targets::default()
+    })
+}
+
+fn delete_matching(targets: &Targets) -> Result<usize> {
     let mut deleted = 0;
     let mut ct = None;
     for (v4, family) in [
@@ -355,7 +377,7 @@ pub fn delete_flows(
             Some(ct) => ct,
             None => ct.insert(Ctnetlink::open()?),
         };
-        let found = ct.matching(family, &targets)?;
+        let found = ct.matching(family, targets)?;
         deleted += ct.delete(family, found)?;
     }
     Ok(deleted)
@@ -402,6 +424,23 @@ mod tests {
         assert!(!t.matches(&flow("203.0.113.130", "198.51.100.3", 6, 443)));
         assert!(t.has_family(true));
         assert!(!t.has_family(false));
+    }
+
+    #[test]
+    fn outgoing_means_off_loopback_and_not_to_the_namespace_itself() {
+        let t = Targets {
+            every_off: Some(["203.0.113.10".parse().unwrap()].into_iter().collect()),
+            ..Targets::default()
+        };
+        assert!(t.matches(&flow("203.0.113.10", "198.51.100.1", 6, 443)));
+        assert!(t.matches(&flow("203.0.113.10", "198.51.100.53", 17, 53)));
+        assert!(
+            !t.matches(&flow("198.51.100.1", "203.0.113.10", 6, 80)),
+            "inbound"
+        );
+        assert!(!t.matches(&flow("127.0.0.1", "127.0.0.1", 6, 5432)));
+        assert!(!t.matches(&flow("::1", "::1", 6, 5432)));
+        assert!(t.has_family(true) && t.has_family(false));
     }
 
     #[test]

@@ -41,6 +41,22 @@ pub fn current_id() -> Result<u64> {
         .map_err(|e| Error::io("read own network namespace", e))
 }
 
+/// The addresses of the calling thread's network namespace (every link's).
+pub fn local_addresses() -> Result<Vec<std::net::IpAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs()
+        .map_err(|e| Error::io("list the namespace's addresses", e.into()))?;
+    Ok(addrs
+        .filter_map(|a| {
+            let sa = a.address?;
+            if let Some(v4) = sa.as_sockaddr_in() {
+                Some(std::net::IpAddr::V4(v4.ip()))
+            } else {
+                sa.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect())
+}
+
 // NS_GET_NSTYPE (linux/nsfs.h): _IO(0xb7, 0x3), the CLONE_NEW* type of a namespace file.
 nix::ioctl_none!(ns_get_nstype, 0xb7, 0x3);
 

@@ -1081,6 +1081,23 @@ fn attach_filters_a_foreign_namespace_and_detach_restores_it() {
     assert_eq!(ctr.python(RESOLVE, "b.test"), B4);
     assert_eq!(ctr.python(ONCE, B4), "OK");
     let before = ctr.state();
+    // A connection the container holds open to what the policy will deny.
+    let stop = dir.join("stop");
+    let held = dir.join("held.out");
+    let _holder = KillOnDrop(
+        ctr.cmd("python3")
+            .args(["-c", HOLD, "b.test", &stop.display().to_string()])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&held).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || std::fs::read_to_string(&held)
+            .is_ok_and(|s| s.contains("READY"))),
+        "holder never connected"
+    );
     let cli = |args: &[&str]| {
         world
             .uplink_cmd(env!("CARGO_BIN_EXE_portcullis"))
@@ -1119,6 +1136,13 @@ fn attach_filters_a_foreign_namespace_and_detach_restores_it() {
         );
     };
     check_filtered("attached by pid");
+    // What was open before the attach starts anew under the policy: cut.
+    assert!(
+        wait_until(Duration::from_secs(15), || std::fs::read_to_string(&held)
+            .is_ok_and(|s| s.contains("CUT"))),
+        "a connection opened before the attach went on: {:?}",
+        std::fs::read_to_string(&held)
+    );
     let (links, rules) = ctr.state();
     assert_eq!(links, before.0, "attach changed links, addresses or routes");
     assert!(rules.contains("table inet portcullis_"), "{rules}");

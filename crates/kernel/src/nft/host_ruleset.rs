@@ -116,8 +116,16 @@ pub fn host_ruleset(r: &HostRules<'_>) -> String {
     // An attached namespace's loopback is its own (its services talking to each other), and
     // it may route for namespaces nested in it: their new flows are filtered alike.
     let (output, forward) = match r.selector {
+        // Its kernel's own link chatter too: neighbour discovery (IPv6 reaches nothing
+        // without it), router solicitations and MLD on the link, and a DHCP client's lease.
         Selector::Namespace => (
-            "\t\toifname \"lo\" accept\n\t\tjump egress\n".to_owned(),
+            "\t\toifname \"lo\" accept\n\
+             \t\ticmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept\n\
+             \t\ticmpv6 type { nd-router-solicit, mld-listener-report, mld2-listener-report } ip6 daddr ff02::/16 accept\n\
+             \t\tmeta nfproto ipv4 udp sport 68 udp dport 67 accept\n\
+             \t\tip6 daddr ff02::1:2 udp sport 546 udp dport 547 accept\n\
+             \t\tjump egress\n"
+                .to_owned(),
             "\n\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\
              \t\tjump egress\n\t}\n"
                 .to_owned(),
@@ -269,7 +277,12 @@ mod tests {
         assert!(nat.contains("\t\tmeta nfproto ipv4 udp dport 53 dnat ip to 127.0.0.1:1001"));
         let out = chain(&t, "output");
         let lines: Vec<&str> = out.lines().map(str::trim).collect();
-        assert_eq!(lines[2..], ["oifname \"lo\" accept", "jump egress"]);
+        assert_eq!(lines[2], "oifname \"lo\" accept");
+        assert_eq!(lines.last(), Some(&"jump egress"));
+        assert!(out.contains("nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept"));
+        assert!(out.contains("udp sport 68 udp dport 67 accept"));
+        // Nothing else is accepted before the egress filter.
+        assert_eq!(lines.iter().filter(|l| l.ends_with("accept")).count(), 5);
         let fwd = chain(&t, "forward");
         assert!(fwd.contains("type filter hook forward priority filter; policy accept;"));
         assert!(fwd.trim_end().ends_with("jump egress"));

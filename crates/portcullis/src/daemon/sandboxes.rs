@@ -535,7 +535,7 @@ impl Manager {
             self.events.clone(),
             row.name.clone(),
         );
-        nflog.spawn_reader(stop.clone(), move |p| {
+        let reader = nflog.spawn_reader(stop.clone(), move |p| {
             ev.flow(&name, &p);
             if let Ok(mut m) = b.lock() {
                 if m.len() < MAX_BLOCKED_ENTRIES || m.contains_key(&p) {
@@ -544,7 +544,13 @@ impl Manager {
                     u.fetch_add(1, Ordering::Relaxed);
                 }
             }
-        })?;
+        });
+        if let Err(e) = reader {
+            for t in &tasks {
+                t.abort();
+            }
+            return Err(e.into());
+        }
         let live = Arc::new(Live {
             name: row.name.clone(),
             peers: w.peers,
@@ -621,6 +627,8 @@ impl Manager {
         source: PolicySource,
     ) -> Result<PolicyChange, ApiError> {
         let policy = Arc::new(compile(&source)?);
+        // Not while the sandbox is being deleted or detached: its row would come back.
+        let _op = self.ops.lock().await;
         let live = self
             .get(name)
             .ok_or_else(|| ApiError::not_found(format!("no sandbox named {name}")))?;

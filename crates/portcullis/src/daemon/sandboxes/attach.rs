@@ -5,10 +5,12 @@
 //! table with every packet of the namespace selected (DNS redirected to the relay on the
 //! namespace's own loopback, egress only to what the relay opened and the CIDR rules allow,
 //! its loopback open), and the relay's sockets, set writer and NFLOG socket, opened inside it.
-//! Its links, addresses, routes and resolv.conf stay as they are. Detaching deletes the table
-//! and closes the sockets: the namespace is as it was. The daemon holds the namespace open;
-//! when its owner goes (the `--pid` process ends, or the `--netns` file no longer names it),
-//! the sandbox is detached by itself. A daemon that stops leaves the table in place: until it
+//! Its links, addresses, routes and resolv.conf stay as they are; the conntrack entries of
+//! what it had open to the outside are deleted, so that those flows start anew under the
+//! policy. Detaching deletes the table and closes the sockets: the namespace is as it was.
+//! The daemon holds the namespace open; when its owner is gone (the `--pid` process ended, or
+//! the `--netns` file no longer names it) and no process is left in it, the sandbox is
+//! detached by itself. A daemon that stops leaves the table in place: until it
 //! is back, DNS there goes unanswered and nothing new opens (fail closed).
 
 use std::fs::File;
@@ -59,9 +61,9 @@ impl Attached {
         PathBuf::from(format!("/proc/self/fd/{}", self.ns.as_raw_fd()))
     }
 
-    /// Whether the namespace's owner is still there.
+    /// Whether the namespace is still in use: its owner is there, or a process is in it.
     pub fn alive(&self) -> bool {
-        owner_alive(&self.source)
+        owner_alive(&self.source) || any_process_in(self.source.inode)
     }
 }
 
@@ -71,6 +73,20 @@ fn owner_alive(s: &AttachSource) -> bool {
         Some((pid, started)) => start_time(pid) == Some(started),
         None => inode_of(Path::new(&s.netns)) == Some(s.inode),
     }
+}
+
+/// Whether any process of the host is in the network namespace `inode`.
+fn any_process_in(inode: u64) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    dir.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .any(|e| inode_of(&e.path().join("ns/net")) == Some(inode))
 }
 
 fn inode_of(p: &Path) -> Option<u64> {
@@ -102,7 +118,28 @@ fn resolve(t: &AttachTarget) -> Result<(File, AttachSource), ApiError> {
             ));
         }
     };
-    let ns = File::open(&path).map_err(|e| match e.kind() {
+    // A namespace file is a regular file (of nsfs); anything else (a FIFO, a device) is never
+    // opened, and the open itself cannot block.
+    let meta = std::fs::metadata(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            ApiError::not_found(format!("{}: no such file", path.display()))
+        }
+        _ => ApiError::bad_request(format!("{}: {e}", path.display())),
+    })?;
+    if !meta.is_file() {
+        return Err(ApiError::bad_request(format!(
+            "{} is not a network namespace",
+            path.display()
+        )));
+    }
+    let ns = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&path)
+    }
+    .map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => {
             ApiError::not_found(format!("{}: no such file", path.display()))
         }
@@ -343,15 +380,26 @@ impl Manager {
                 rules,
                 format!("create nft table {table} in {}", attached.source.netns),
             )?;
-        } else if (Some(ports), Some(nflog_group)) != (row.relay_ports, row.nflog_group) {
+        } else {
+            // Adopted: its chains are written anew all the same (something in the namespace
+            // may have changed them), its sets kept.
             apply_in(
                 &path,
                 replace_chains(&rules, &table),
                 format!("update nft table {table} in {}", attached.source.netns),
             )?;
         }
-        // From here on a failure removes the table made above.
+        // From here on a failure removes the table made above (and the stored row).
+        let name = row.name.clone();
         let made = || -> anyhow::Result<Arc<Live>> {
+            if !present {
+                // What the namespace had open to the outside starts anew under the policy
+                // (a long-lived UDP socket to another resolver would otherwise go on).
+                netns::run_in(&path, || {
+                    portcullis_kernel::conntrack::delete_outgoing(&netns::local_addresses()?)
+                })
+                .context("delete the namespace's open flows")?;
+            }
             let writer = Arc::new(p.writer);
             let ctx = Arc::new(self.relay_context(
                 &row.name,
@@ -387,6 +435,9 @@ impl Manager {
             if !present {
                 let t = table.clone();
                 let _ = netns::run_in(&path, move || apply::delete_table(&t));
+            }
+            if !adopt {
+                let _ = self.store.delete_sandbox(&name);
             }
         })
     }
@@ -434,6 +485,10 @@ impl Manager {
             return;
         };
         for live in gone {
+            // Still the same sandbox under the lock (not deleted and made anew meanwhile)?
+            if !self.get(&live.name).is_some_and(|l| Arc::ptr_eq(&l, &live)) {
+                continue;
+            }
             let errors = self.destroy(&live);
             if let Ok(mut m) = self.live.lock() {
                 m.remove(&live.name);
