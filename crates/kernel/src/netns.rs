@@ -41,6 +41,27 @@ pub fn current_id() -> Result<u64> {
         .map_err(|e| Error::io("read own network namespace", e))
 }
 
+/// The calling thread's network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14): unlike its
+/// inode, never reused by a later namespace. None where the kernel has no such option.
+pub fn cookie() -> Option<u64> {
+    use std::os::fd::AsRawFd as _;
+    let sock = std::os::unix::net::UnixDatagram::unbound().ok()?;
+    let mut value: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the socket is open for the call; `value` and `len` are valid for writes of the
+    // size `len` says.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut value as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && len as usize == std::mem::size_of::<u64>()).then_some(value)
+}
+
 /// The addresses of the calling thread's network namespace (every link's).
 pub fn local_addresses() -> Result<Vec<std::net::IpAddr>> {
     let addrs = nix::ifaddrs::getifaddrs()
@@ -82,5 +103,12 @@ mod tests {
         assert!(!is_network_namespace(&mnt));
         let plain = File::open("/proc/self/status").unwrap();
         assert!(!is_network_namespace(&plain));
+    }
+
+    #[test]
+    fn the_cookie_is_stable_within_a_namespace() {
+        let a = cookie().expect("SO_NETNS_COOKIE (Linux 5.14)");
+        assert_eq!(cookie(), Some(a));
+        assert_eq!(std::thread::spawn(cookie).join().unwrap(), Some(a));
     }
 }

@@ -8,6 +8,10 @@
 //! forwarding values found before Portcullis turned forwarding on).
 //! The default root is `/run/portcullis/net-<inode of the invoking network namespace>`: state is
 //! per namespace because tables and links are, and /run is emptied by a reboot, as they are.
+//! A namespace's inode is reused once it is gone, so the default root also holds the
+//! namespace's cookie (`netns-cookie`, never reused): a root whose cookie is another's was
+//! left by a dead namespace (a run killed with it), whose tables and links died with it, and
+//! is emptied before use, so that its records never stand in the way of the new namespace.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
@@ -87,17 +91,54 @@ impl<'de> serde::Deserialize<'de> for SandboxId {
 impl StateDir {
     /// `explicit`, else `$PORTCULLIS_STATE_DIR`, else the per-namespace default.
     pub fn open(explicit: Option<PathBuf>) -> Result<Self> {
+        let default = explicit.is_none() && std::env::var_os("PORTCULLIS_STATE_DIR").is_none();
         let root = Self::root_path(explicit)?;
+        let cookie = if default { netns::cookie() } else { None };
+        Self::open_at(root, cookie)
+    }
+
+    /// Opens `root`, which belongs to the namespace with `cookie` when given: a root stamped
+    /// with another cookie is emptied first (see the module's notes).
+    fn open_at(root: PathBuf, cookie: Option<u64>) -> Result<Self> {
+        let stamp = root.join("netns-cookie");
+        if let Some(c) = cookie {
+            match std::fs::read_to_string(&stamp) {
+                Ok(s) if s.trim() == c.to_string() => {}
+                Ok(_) => {
+                    // Moved aside first, so that nothing ever sees it half removed.
+                    let aside = root.with_extension(format!("stale-{}", std::process::id()));
+                    if std::fs::rename(&root, &aside).is_ok() {
+                        let _ = std::fs::remove_dir_all(&aside);
+                    }
+                }
+                Err(_) => {}
+            }
+        }
         std::fs::create_dir_all(&root)
             .map_err(|e| Error::io(format!("create state directory {}", root.display()), e))?;
+        if let Some(c) = cookie
+            && !stamp.exists()
+        {
+            let tmp = root.join(format!("netns-cookie.{}", std::process::id()));
+            std::fs::write(&tmp, format!("{c}\n"))
+                .and_then(|()| std::fs::rename(&tmp, &stamp))
+                .map_err(|e| Error::io(format!("write {}", stamp.display()), e))?;
+        }
         Ok(StateDir { root })
     }
 
     /// The state directory if it exists, without creating it (read-only lookups, such as
     /// `dnstap listen --sandbox`, must leave nothing behind).
     pub fn existing(explicit: Option<PathBuf>) -> Result<Option<Self>> {
+        let default = explicit.is_none() && std::env::var_os("PORTCULLIS_STATE_DIR").is_none();
         let root = Self::root_path(explicit)?;
-        Ok(root.is_dir().then_some(StateDir { root }))
+        // A dead namespace's root (another cookie) holds nothing of this one.
+        let stale = default
+            && netns::cookie().is_some_and(|c| {
+                std::fs::read_to_string(root.join("netns-cookie"))
+                    .is_ok_and(|s| s.trim() != c.to_string())
+            });
+        Ok((root.is_dir() && !stale).then_some(StateDir { root }))
     }
 
     fn root_path(explicit: Option<PathBuf>) -> Result<PathBuf> {
@@ -322,9 +363,13 @@ impl StateDir {
     /// Removes the directory when nothing but the lock file is left. Call with the lock held.
     pub fn remove_if_empty(&self) {
         let only_lock = std::fs::read_dir(&self.root)
-            .map(|d| d.flatten().all(|e| e.file_name() == "lock"))
+            .map(|d| {
+                d.flatten()
+                    .all(|e| e.file_name() == "lock" || e.file_name() == "netns-cookie")
+            })
             .unwrap_or(false);
         if only_lock {
+            let _ = std::fs::remove_file(self.path("netns-cookie"));
             let _ = std::fs::remove_file(self.path("lock"));
             let _ = std::fs::remove_dir(&self.root);
         }
@@ -334,6 +379,30 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_root_left_by_a_dead_namespace_with_the_same_inode_is_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("net-7");
+        let state = StateDir::open_at(root.clone(), Some(1)).unwrap();
+        std::fs::write(state.path("networks"), "stale").unwrap();
+        // The same namespace again: its state stays.
+        StateDir::open_at(root.clone(), Some(1)).unwrap();
+        assert!(root.join("networks").exists());
+        // Another namespace that got the same inode: nothing of the dead one is left.
+        StateDir::open_at(root.clone(), Some(2)).unwrap();
+        assert!(!root.join("networks").exists());
+        assert_eq!(
+            std::fs::read_to_string(root.join("netns-cookie")).unwrap(),
+            "2\n"
+        );
+        // Without a cookie (an explicit directory, or an old kernel) nothing is checked.
+        std::fs::write(root.join("networks"), "kept").unwrap();
+        StateDir::open_at(root.clone(), None).unwrap();
+        assert!(root.join("networks").exists());
+        let only_parent = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(only_parent, 1, "the stale copy was removed");
+    }
 
     #[test]
     fn a_lease_marks_its_sandbox_alive_until_it_drops() {
