@@ -88,12 +88,18 @@ impl<'de> serde::Deserialize<'de> for SandboxId {
     }
 }
 
+/// Whether `root` carries another namespace's cookie than `cookie` (then it was left by a
+/// dead namespace that had the same inode).
+fn stamped_by_another(root: &Path, cookie: Option<u64>) -> bool {
+    cookie.is_some_and(|c| {
+        std::fs::read_to_string(root.join("netns-cookie")).is_ok_and(|s| s.trim() != c.to_string())
+    })
+}
+
 impl StateDir {
     /// `explicit`, else `$PORTCULLIS_STATE_DIR`, else the per-namespace default.
     pub fn open(explicit: Option<PathBuf>) -> Result<Self> {
-        let default = explicit.is_none() && std::env::var_os("PORTCULLIS_STATE_DIR").is_none();
-        let root = Self::root_path(explicit)?;
-        let cookie = if default { netns::cookie() } else { None };
+        let (root, cookie) = Self::root_path(explicit)?;
         Self::open_at(root, cookie)
     }
 
@@ -101,17 +107,11 @@ impl StateDir {
     /// with another cookie is emptied first (see the module's notes).
     fn open_at(root: PathBuf, cookie: Option<u64>) -> Result<Self> {
         let stamp = root.join("netns-cookie");
-        if let Some(c) = cookie {
-            match std::fs::read_to_string(&stamp) {
-                Ok(s) if s.trim() == c.to_string() => {}
-                Ok(_) => {
-                    // Moved aside first, so that nothing ever sees it half removed.
-                    let aside = root.with_extension(format!("stale-{}", std::process::id()));
-                    if std::fs::rename(&root, &aside).is_ok() {
-                        let _ = std::fs::remove_dir_all(&aside);
-                    }
-                }
-                Err(_) => {}
+        if stamped_by_another(&root, cookie) {
+            // Moved aside first, so that nothing ever sees it half removed.
+            let aside = root.with_extension(format!("stale-{}", std::process::id()));
+            if std::fs::rename(&root, &aside).is_ok() {
+                let _ = std::fs::remove_dir_all(&aside);
             }
         }
         std::fs::create_dir_all(&root)
@@ -130,22 +130,22 @@ impl StateDir {
     /// The state directory if it exists, without creating it (read-only lookups, such as
     /// `dnstap listen --sandbox`, must leave nothing behind).
     pub fn existing(explicit: Option<PathBuf>) -> Result<Option<Self>> {
-        let default = explicit.is_none() && std::env::var_os("PORTCULLIS_STATE_DIR").is_none();
-        let root = Self::root_path(explicit)?;
+        let (root, cookie) = Self::root_path(explicit)?;
         // A dead namespace's root (another cookie) holds nothing of this one.
-        let stale = default
-            && netns::cookie().is_some_and(|c| {
-                std::fs::read_to_string(root.join("netns-cookie"))
-                    .is_ok_and(|s| s.trim() != c.to_string())
-            });
+        let stale = stamped_by_another(&root, cookie);
         Ok((root.is_dir() && !stale).then_some(StateDir { root }))
     }
 
-    fn root_path(explicit: Option<PathBuf>) -> Result<PathBuf> {
+    /// The root, and for the per-namespace default the namespace's cookie (None for a
+    /// directory given, or on a kernel without cookies: then nothing is checked).
+    fn root_path(explicit: Option<PathBuf>) -> Result<(PathBuf, Option<u64>)> {
         Ok(
             match explicit.or_else(|| std::env::var_os("PORTCULLIS_STATE_DIR").map(PathBuf::from)) {
-                Some(p) => p,
-                None => PathBuf::from(format!("/run/portcullis/net-{}", netns::current_id()?)),
+                Some(p) => (p, None),
+                None => (
+                    PathBuf::from(format!("/run/portcullis/net-{}", netns::current_id()?)),
+                    netns::cookie(),
+                ),
             },
         )
     }
