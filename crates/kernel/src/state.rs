@@ -360,6 +360,18 @@ impl StateDir {
         let _ = std::fs::remove_file(self.path("forwarding.json"));
     }
 
+    /// Takes the lock and removes the directory when no sandbox is recorded and nothing but
+    /// the lock and the stamp is left: for commands and the daemon, which open the directory
+    /// whether or not anything needs it, so that none is left where nothing runs.
+    pub fn remove_if_unused(&self) {
+        if let Ok(lock) = self.lock() {
+            if self.sandboxes().is_ok_and(|v| v.is_empty()) {
+                self.remove_if_empty();
+            }
+            drop(lock);
+        }
+    }
+
     /// Removes the directory when nothing but the lock file is left. Call with the lock held.
     pub fn remove_if_empty(&self) {
         let only_lock = std::fs::read_dir(&self.root)

@@ -183,12 +183,7 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
             Some(net) => Some(net),
             None => {
                 // Leave no state directory behind for a run that never started.
-                if let Ok(lock) = state.lock() {
-                    if state.sandboxes().map(|v| v.is_empty()).unwrap_or(false) {
-                        state.remove_if_empty();
-                    }
-                    drop(lock);
-                }
+                state.remove_if_unused();
                 return Err(fail(
                     FAILED,
                     format!(

@@ -189,7 +189,20 @@ impl Drop for Daemon<'_> {
                 self.local("DELETE", &format!("/1.0/networks/{name}"), None);
             }
         }
-        self.kill();
+        // Stopped as a service is (a daemon with no sandbox left removes its run state),
+        // killed only when it does not stop in time; never a panic in a drop.
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.0.id().to_string()])
+                .status();
+            let stopped = wait_until(Duration::from_secs(10), || {
+                matches!(c.0.try_wait(), Ok(Some(_)))
+            });
+            if !stopped {
+                let _ = c.0.kill();
+                let _ = c.0.wait();
+            }
+        }
     }
 }
 

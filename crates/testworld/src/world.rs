@@ -112,6 +112,7 @@ impl World {
         };
         // From here on a panic drops `world`, and `Drop` removes what was built.
         world.setup_namespaces();
+        world.forget_dead_namespace_state();
         world.setup_link();
         counters::setup(&world.world, Self::WORLD_IF, &world.run.dir());
         let script = world.run.dir().join("worldserve.py");
@@ -152,6 +153,18 @@ impl World {
         // route owns; IPv6 accepts such a source address only with non-local binds allowed.
         sysctl(&self.world, "net.ipv4.ip_nonlocal_bind=1");
         sysctl(&self.world, "net.ipv6.ip_nonlocal_bind=1");
+    }
+
+    /// Portcullis keys its run state on the network namespace's inode
+    /// (`/run/portcullis/net-<ino>`). A brand-new uplink has none; a directory with its inode
+    /// was left by a dead namespace (a daemon a test stopped or killed keeps its sandboxes'
+    /// records), and would make this world's "nothing left behind" checks see another's.
+    fn forget_dead_namespace_state(&self) {
+        use std::os::unix::fs::MetadataExt as _;
+        let Ok(meta) = fs::metadata(format!("/run/netns/{}", self.uplink)) else {
+            return;
+        };
+        let _ = fs::remove_dir_all(format!("/run/portcullis/net-{}", meta.ino()));
     }
 
     fn setup_link(&self) {

@@ -25,13 +25,8 @@ pub fn network(cmd: NetworkCommand, state_dir: Option<std::path::PathBuf>) -> Re
     let result = dispatch(cmd, state_dir);
     // Reading networks opens (creates) the state directory: leave none behind where no
     // network or sandbox needs one.
-    if let Ok(state) = StateDir::open(explicit)
-        && let Ok(lock) = state.lock()
-    {
-        if state.sandboxes().map(|v| v.is_empty()).unwrap_or(false) {
-            state.remove_if_empty();
-        }
-        drop(lock);
+    if let Ok(Some(state)) = StateDir::existing(explicit) {
+        state.remove_if_unused();
     }
     result
 }
@@ -57,7 +52,10 @@ fn dispatch(cmd: NetworkCommand, state_dir: Option<std::path::PathBuf>) -> Resul
             Ok(0)
         }
         NetworkCommand::List => {
-            let state = StateDir::open(state_dir).code(FAILED)?;
+            // Read-only: a namespace where nothing ran has no directory, and gets none.
+            let Some(state) = StateDir::existing(state_dir).code(FAILED)? else {
+                return Ok(0);
+            };
             let sandboxes = state.sandboxes().code(FAILED)?;
             for rec in state.networks().code(FAILED)? {
                 let attached = sandboxes
@@ -73,11 +71,11 @@ fn dispatch(cmd: NetworkCommand, state_dir: Option<std::path::PathBuf>) -> Resul
         }
         NetworkCommand::Show { name } => {
             let name = parse(name)?;
-            let state = StateDir::open(state_dir).code(FAILED)?;
-            let rec = state
-                .network(&name)
+            let no_such = || fail(FAILED, format!("no network named {name}"));
+            let state = StateDir::existing(state_dir)
                 .code(FAILED)?
-                .ok_or_else(|| fail(FAILED, format!("no network named {name}")))?;
+                .ok_or_else(no_such)?;
+            let rec = state.network(&name).code(FAILED)?.ok_or_else(no_such)?;
             let attached: Vec<serde_json::Value> = state
                 .sandboxes()
                 .code(FAILED)?

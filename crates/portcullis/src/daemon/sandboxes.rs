@@ -920,6 +920,8 @@ impl Manager {
                 std::mem::forget(sb);
             }
         }
+        // A daemon that leaves no sandbox leaves no state directory either.
+        self.state.remove_if_unused();
     }
 }
 
