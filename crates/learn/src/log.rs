@@ -129,6 +129,11 @@ pub fn now() -> String {
     timestamp(SystemTime::now())
 }
 
+/// The time a [`timestamp`] names; None for anything else.
+pub fn parse_timestamp(s: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339(s).ok()
+}
+
 impl Event {
     /// The header of a new log.
     pub fn header(source: &str, command: &[String]) -> Event {

@@ -368,11 +368,16 @@ pub struct PolicyArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum SandboxCommand {
-    /// Create a long-lived sandbox.
+    /// Create a long-lived sandbox: enforcing its policy, or (--learn) learning what it
+    /// needs.
     Create {
         name: String,
         #[command(flatten)]
         policy: PolicyArgs,
+        /// Learn instead of enforcing, as `portcullis learn` does: egress is open, and every
+        /// query and new flow is recorded (download it with `sandbox learned`).
+        #[arg(long, conflicts_with_all = ["allow", "policy"])]
+        learn: bool,
         /// Attach to a named network of the daemon.
         #[arg(long, value_name = "NAME")]
         network: Option<String>,
@@ -447,6 +452,16 @@ pub enum SandboxCommand {
     /// What a sandbox was denied and blocked, with the rules that would allow it (JSON).
     Logs {
         name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// What a learning sandbox (`create --learn`) learned so far: its learn log (JSON
+    /// lines), for `portcullis policy suggest` or `policy check`.
+    Learned {
+        name: String,
+        /// Write the log to FILE [default: standard output].
+        #[arg(short = 'o', long, value_name = "FILE")]
+        output: Option<PathBuf>,
         #[command(flatten)]
         client: ClientArgs,
     },

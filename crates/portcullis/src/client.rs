@@ -198,17 +198,22 @@ impl Client {
         if status == StatusCode::NO_CONTENT {
             return Ok(Value::Null);
         }
-        let v: Value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        if status.is_success() {
-            Ok(v)
-        } else {
-            let msg = v
-                .get("error")
-                .and_then(Value::as_str)
-                .map_or_else(|| v.to_string(), str::to_owned);
-            Err(anyhow!("{msg} (HTTP {})", status.as_u16()))
+        if !status.is_success() {
+            return Err(refusal(status, &bytes));
         }
+        Ok(serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())))
+    }
+
+    /// A GET whose answer is text, not JSON (a learn log).
+    pub async fn text(&self, path: &str) -> anyhow::Result<String> {
+        let resp = self.send(Method::GET, path, None, None).await?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            return Err(refusal(status, &bytes));
+        }
+        String::from_utf8(bytes.to_vec()).context("the daemon's answer is not UTF-8")
     }
 
     /// A streamed answer (events): the raw body.
@@ -251,4 +256,16 @@ impl Client {
             .context("upgrade the connection")?;
         Ok(TokioIo::new(up))
     }
+}
+
+/// The daemon's error message (`{"error": ...}`), else the body, with the status.
+fn refusal(status: StatusCode, body: &[u8]) -> anyhow::Error {
+    let msg = match serde_json::from_slice::<Value>(body) {
+        Ok(v) => v
+            .get("error")
+            .and_then(Value::as_str)
+            .map_or_else(|| v.to_string(), str::to_owned),
+        Err(_) => String::from_utf8_lossy(body).into_owned(),
+    };
+    anyhow!("{msg} (HTTP {})", status.as_u16())
 }

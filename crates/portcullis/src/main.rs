@@ -11,6 +11,7 @@ mod exit;
 mod host_session;
 mod logging;
 mod options;
+mod recorder;
 mod report;
 mod sandbox;
 mod session;

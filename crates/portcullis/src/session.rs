@@ -29,7 +29,7 @@ use crate::sandbox::Sandbox;
 
 /// NFLOG socket buffer of a learning sandbox: room for about 100k logged first packets
 /// should the reader fall behind.
-const LEARN_NFLOG_BUFFER: usize = 32 << 20;
+pub(crate) const LEARN_NFLOG_BUFFER: usize = 32 << 20;
 
 /// Receive buffer of the relay's UDP sockets: a burst of queries waits in the kernel instead
 /// of being dropped before the relay sees it (the default, 208 KiB, overflowed under the

@@ -7,7 +7,10 @@
 //! - bad input: a 4xx JSON error for each kind, and the daemon keeps serving;
 //! - a policy swap under traffic: the existing connection is cut, new ones are blocked;
 //! - SIGKILL and restart with 50 sandboxes and live connections: all back, none broken,
-//!   nothing new allowed while the daemon was down.
+//!   nothing new allowed while the daemon was down;
+//! - a learning sandbox: its log, downloaded, has every query and flow (across a restart)
+//!   and `policy suggest` makes the policy from it;
+//! - attach and detach of a namespace made as a container runtime makes it.
 
 #![allow(clippy::unwrap_used)]
 
@@ -25,6 +28,8 @@ const PORT: u16 = 8443;
 const A4: &str = "198.51.100.10";
 const B4: &str = "198.51.100.11";
 const C4: &str = "198.51.100.12";
+/// Reached by address only, never resolved.
+const D4: &str = "198.51.100.13";
 
 /// A daemon in the world's uplink; on drop, its sandboxes are deleted and it is killed.
 struct Daemon<'w> {
@@ -312,6 +317,12 @@ fn every_role_against_every_endpoint_over_tls() {
     d.create("base", &["a.test"]);
     let (code, v) = d.local(
         "POST",
+        "/1.0/sandboxes",
+        Some(r#"{"name": "learner", "learn": true}"#),
+    );
+    assert_eq!(code, 201, "{v}");
+    let (code, v) = d.local(
+        "POST",
         "/1.0/networks",
         Some(r#"{"name": "shared", "subnet4": "203.0.113.192/28"}"#),
     );
@@ -347,6 +358,13 @@ fn every_role_against_every_endpoint_over_tls() {
                 200,
             ),
             ("GET", "/1.0/sandboxes/base/logs".into(), None, "user", 200),
+            (
+                "GET",
+                "/1.0/sandboxes/learner/learn".into(),
+                None,
+                "user",
+                200,
+            ),
             ("GET", "/1.0/networks".into(), None, "auditor", 200),
             ("GET", "/1.0/metrics".into(), None, "auditor", 200),
             (
@@ -596,6 +614,25 @@ fn bad_input_gets_a_json_4xx_and_the_daemon_keeps_serving() {
             "POST",
             "/1.0/sandboxes",
             Some(r#"{"name": "x", "policy": {"allow": ["a.test"]}, "attach": {"netns": "/proc/1/ns/net", "pid": 1}}"#.into()),
+            400,
+        ),
+        // Learning: no policy with it, no attach, a boolean.
+        (
+            "POST",
+            "/1.0/sandboxes",
+            Some(r#"{"name": "x", "learn": true, "attach": {"pid": 1}}"#.into()),
+            400,
+        ),
+        (
+            "POST",
+            "/1.0/sandboxes",
+            Some(r#"{"name": "x", "learn": "yes"}"#.into()),
+            422,
+        ),
+        (
+            "POST",
+            "/1.0/sandboxes",
+            Some(r#"{"name": "x"}"#.into()),
             400,
         ),
         (
@@ -1075,6 +1112,154 @@ impl Drop for Container {
             .status();
         let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
     }
+}
+
+/// `sandbox learned NAME`: the learn log as the command line downloads it.
+fn learned(world: &World, d: &Daemon, name: &str, out: &Path) -> std::process::Output {
+    world
+        .uplink_cmd(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["sandbox", "learned", name, "-o"])
+        .arg(out)
+        .arg("--socket")
+        .arg(d.socket())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_learning_sandbox_records_what_it_needs_across_a_restart_and_its_log_makes_the_policy() {
+    testworld_root();
+    let world = World::new(
+        &Zone::new()
+            .a("a.test", A4.parse::<Ipv4Addr>().unwrap(), 300)
+            .a("b.test", B4.parse::<Ipv4Addr>().unwrap(), 300),
+    );
+    world.serve_tcp(80);
+    let dir = tempdir(&world, "learn");
+    let mut d = Daemon::start(&world, &dir);
+    let out = world
+        .uplink_cmd(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["sandbox", "create", "learner", "--learn", "--socket"])
+        .arg(d.socket())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, v) = d.local("GET", "/1.0/sandboxes/learner", None);
+    assert_eq!(v["learn"], json!(true), "{v}");
+    let pid = keeper(&d, "learner");
+    let run = |script: &str, arg: &str| -> String {
+        let o = in_sandbox(pid, script, &[arg]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    };
+
+    // Open egress: a resolved name and a hard-coded address both connect.
+    assert_eq!(run(RESOLVE, "a.test"), A4, "{}", d.log());
+    assert_eq!(run(ONCE, A4), "OK");
+    assert_eq!(run(ONCE, D4), "OK");
+    // b.test is resolved now, and connected to only after a restart: the restarted daemon
+    // must still know whose address it is.
+    assert_eq!(run(RESOLVE, "b.test"), B4);
+    d.kill();
+    d.spawn();
+    assert_eq!(run(ONCE, B4), "OK", "{}", d.log());
+
+    // A learning sandbox takes no policy.
+    let (code, v) = d.local(
+        "PUT",
+        "/1.0/sandboxes/learner/policy",
+        Some(r#"{"allow": ["a.test"]}"#),
+    );
+    assert!(code == 409 && is_json_error(&v, 409), "{code} {v}");
+
+    // The log, downloaded: every query and flow, the direct one flagged, complete.
+    let log = dir.join("learner.jsonl");
+    let complete = wait_until(Duration::from_secs(10), || {
+        let o = learned(&world, &d, "learner", &log);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = std::fs::read_to_string(&log).unwrap();
+        // Only flows carry "address".
+        [A4, B4, D4]
+            .iter()
+            .all(|a| text.contains(&format!("\"address\":\"{a}\"")))
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(complete, "flows missing from the log:\n{text}\n{}", d.log());
+    let events: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let flow_to = |a: &str| {
+        events
+            .iter()
+            .find(|e| e["type"] == "flow" && e["address"] == json!(a))
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(flow_to(A4)["names"], json!(["a.test"]), "{text}");
+    assert_eq!(
+        flow_to(B4)["names"],
+        json!(["b.test"]),
+        "after the restart: {text}"
+    );
+    assert_eq!(flow_to(D4)["names"], json!([]), "{text}");
+    assert_eq!(events.first().unwrap()["type"], "header", "{text}");
+    assert_eq!(
+        events.iter().filter(|e| e["type"] == "header").count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(events.last().unwrap()["type"], "end", "{text}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "query" && e["name"] == "a.test" && e["answers"] == json!([A4])),
+        "{text}"
+    );
+
+    // The policy from it: both names, and the hard-coded address with its warning.
+    let policy = world
+        .uplink_cmd(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["policy", "suggest"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    let toml = String::from_utf8_lossy(&policy.stdout);
+    let said = String::from_utf8_lossy(&policy.stderr);
+    assert!(policy.status.success(), "{said}");
+    eprintln!("--- log\n{text}--- policy\n{toml}");
+    assert!(!said.contains("no end event"), "{said}");
+    for needed in [
+        "domain = \"a.test\"",
+        "domain = \"b.test\"",
+        &format!("cidr = \"{D4}\""),
+        "hard-coded address",
+    ] {
+        assert!(toml.contains(needed), "{needed} missing:\n{toml}");
+    }
+
+    // An enforcing sandbox has no learn log; a learning one is not given a policy.
+    d.create("enforcing", &["a.test"]);
+    let (code, v) = d.local("GET", "/1.0/sandboxes/enforcing/learn", None);
+    assert!(code == 409 && is_json_error(&v, 409), "{code} {v}");
+    let (code, v) = d.local(
+        "POST",
+        "/1.0/sandboxes",
+        Some(r#"{"name": "both", "learn": true, "policy": {"allow": ["a.test"]}}"#),
+    );
+    assert!(code == 400 && is_json_error(&v, 400), "{code} {v}");
+
+    // Deleted: the log goes with the sandbox.
+    let kept = dir.join("data/learn/learner.jsonl");
+    assert!(kept.exists());
+    let (code, v) = d.local("DELETE", "/1.0/sandboxes/learner", None);
+    assert_eq!(code, 204, "{v}");
+    assert!(!kept.exists(), "the learn log outlived its sandbox");
+    let (code, _) = d.local("GET", "/1.0/sandboxes/learner/learn", None);
+    assert_eq!(code, 404);
 }
 
 #[test]

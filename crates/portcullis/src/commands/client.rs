@@ -65,15 +65,21 @@ pub fn sandbox(cmd: SandboxCommand) -> Result<i32, Failure> {
         SandboxCommand::Create {
             name,
             policy,
+            learn,
             network,
             publish,
             client,
         } => {
-            let body = json!({"name": name, "policy": policy_body(&policy)?,
-                "network": network, "publish": publish});
+            let mut body = json!({"name": name, "network": network, "publish": publish});
+            if learn {
+                body["learn"] = json!(true);
+            } else {
+                body["policy"] = policy_body(&policy)?;
+            }
             let v = call(&client, Method::POST, "/1.0/sandboxes", Some(body))?;
             eprintln!(
-                "sandbox {name} created (keeper pid {})",
+                "sandbox {name} created{} (keeper pid {})",
+                if learn { ", learning" } else { "" },
                 v["pid"].as_u64().unwrap_or(0)
             );
         }
@@ -153,6 +159,19 @@ pub fn sandbox(cmd: SandboxCommand) -> Result<i32, Failure> {
                 None,
             )?;
             eprintln!("sandbox {name} deleted");
+        }
+        SandboxCommand::Learned {
+            name,
+            output,
+            client,
+        } => {
+            let path = format!("/1.0/sandboxes/{name}/learn");
+            let c = Client::new(&client).code(FAILED)?;
+            let text = runtime()?.block_on(c.text(&path)).code(FAILED)?;
+            match output {
+                Some(f) => super::learn::write_atomically(&f, &text).code(FAILED)?,
+                None => print!("{text}"),
+            }
         }
         SandboxCommand::Logs { name, client } => {
             print(&call(

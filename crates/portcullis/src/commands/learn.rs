@@ -6,133 +6,22 @@
 //! The relay's tasks and the NFLOG thread only look up names and queue events; one writer
 //! thread does the file I/O, so a slow `--log` never delays a DNS answer or the NFLOG reader.
 
-use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write as _};
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, channel};
 
 use anyhow::Context as _;
-use portcullis_kernel::nflog::BlockedPacket;
-use portcullis_learn::log::{self, End, Event, Flow, Query};
+use portcullis_learn::log::{self, End, Event};
 use portcullis_learn::{formats, writer};
 use portcullis_policy::Policy;
-use portcullis_relay::{Observed, QueryObserver};
 
 use crate::cli::LearnArgs;
 use crate::exit::{FAILED, Failure, USAGE, WithCode as _, fail};
 use crate::options::LearnOptions;
+use crate::recorder::Recorder;
 use crate::session::{self, Spec};
-
-/// Names remembered per address for attributing flows: a CDN address shared by many names
-/// keeps those answered last.
-const NAMES_PER_ADDRESS: usize = 16;
-
-/// Where events go: attribution state, and the queue to the writer thread.
-#[derive(Debug)]
-struct Recorder {
-    /// For each address, the names whose answers held it, with when the set element `run`
-    /// would have made for that answer expires.
-    names_of: Mutex<HashMap<IpAddr, BTreeMap<String, Instant>>>,
-    /// `run`'s element lifetime bounds (`--min-ttl`, `--max-ttl` defaults).
-    ttl_bounds: (u32, u32),
-    queue: Mutex<Option<Sender<Event>>>,
-    queries: AtomicU64,
-    flows: AtomicU64,
-}
-
-impl Recorder {
-    fn send(&self, e: Event) {
-        if let Ok(q) = self.queue.lock()
-            && let Some(tx) = q.as_ref()
-        {
-            let _ = tx.send(e);
-        }
-    }
-
-    /// Closes the queue: events after this (a relay task finishing late) are dropped, so the
-    /// `end` event stays last.
-    fn close(&self) -> Option<Sender<Event>> {
-        self.queue.lock().ok().and_then(|mut q| q.take())
-    }
-
-    fn flow(&self, p: BlockedPacket) {
-        let now = Instant::now();
-        let (names, expired) = self
-            .names_of
-            .lock()
-            .ok()
-            .and_then(|m| {
-                m.get(&p.dst).map(|held| {
-                    let live: Vec<String> = held
-                        .iter()
-                        .filter(|(_, until)| **until > now)
-                        .map(|(n, _)| n.clone())
-                        .collect();
-                    if live.is_empty() {
-                        (held.keys().cloned().collect(), true)
-                    } else {
-                        (live, false)
-                    }
-                })
-            })
-            .unwrap_or_default();
-        self.flows.fetch_add(1, Ordering::Relaxed);
-        self.send(Event::Flow(Flow {
-            time: log::now(),
-            protocol: p.protocol_name(),
-            address: p.dst,
-            port: p.dport,
-            names,
-            expired,
-            packets: None,
-            bytes: None,
-        }));
-    }
-}
-
-impl QueryObserver for Recorder {
-    fn observed(&self, q: Observed) {
-        if let Ok(mut m) = self.names_of.lock() {
-            // The element `run` would make lives max(TTL, --min-ttl), at most --max-ttl, and
-            // a second of grace (see the relay's `open`).
-            let (min, max) = self.ttl_bounds;
-            let secs = q.ttl.unwrap_or(0).clamp(min, max.max(min));
-            let until = Instant::now()
-                + Duration::from_secs(u64::from(secs))
-                + portcullis_relay::sandbox::GRACE;
-            for a in &q.answers {
-                let names = m.entry(*a).or_default();
-                let slot = names.entry(q.name.clone()).or_insert(until);
-                if *slot < until {
-                    *slot = until;
-                }
-                if names.len() > NAMES_PER_ADDRESS
-                    && let Some(oldest) = names
-                        .iter()
-                        .min_by_key(|(_, t)| **t)
-                        .map(|(n, _)| n.clone())
-                {
-                    names.remove(&oldest);
-                }
-            }
-        }
-        self.queries.fetch_add(1, Ordering::Relaxed);
-        self.send(Event::Query(Query {
-            time: log::now(),
-            name: q.name,
-            qtype: q.qtype,
-            rcode: q.rcode,
-            answers: q.answers,
-            cnames: q.cnames,
-            ttl: q.ttl,
-        }));
-    }
-}
 
 /// What the writer thread hands back: every event, and the first write error.
 struct Written {
@@ -278,13 +167,7 @@ pub fn learn(args: LearnArgs, state_dir: Option<PathBuf>) -> Result<i32, Failure
         .context("start the learn log writer")
         .code(FAILED)?;
     let _ = tx.send(Event::header(log::LEARN_SOURCE, &opts.cmd));
-    let recorder = Arc::new(Recorder {
-        names_of: Mutex::default(),
-        ttl_bounds: (opts.relay.min_ttl, opts.relay.max_ttl),
-        queue: Mutex::new(Some(tx)),
-        queries: AtomicU64::new(0),
-        flows: AtomicU64::new(0),
-    });
+    let recorder = Arc::new(Recorder::new((opts.relay.min_ttl, opts.relay.max_ttl), tx));
     let rec2 = recorder.clone();
     let result = session::execute(
         Spec {
@@ -312,10 +195,7 @@ pub fn learn(args: LearnArgs, state_dir: Option<PathBuf>) -> Result<i32, Failure
             return Err(e);
         }
     };
-    let (queries, flows) = (
-        recorder.queries.load(Ordering::Relaxed),
-        recorder.flows.load(Ordering::Relaxed),
-    );
+    let (queries, flows) = recorder.counts();
     if let Some(tx) = tx {
         let _ = tx.send(Event::End(End {
             time: log::now(),

@@ -39,6 +39,7 @@ pub const ROUTES: &[(&str, &str, Option<Role>)] = &[
     ("PUT", "/1.0/sandboxes/{name}/policy", Some(Role::Operator)),
     ("POST", "/1.0/sandboxes/{name}/exec", Some(Role::User)),
     ("GET", "/1.0/sandboxes/{name}/logs", Some(Role::User)),
+    ("GET", "/1.0/sandboxes/{name}/learn", Some(Role::User)),
     ("GET", "/1.0/networks", Some(Role::Auditor)),
     ("POST", "/1.0/networks", Some(Role::Operator)),
     ("GET", "/1.0/networks/{name}", Some(Role::Auditor)),
@@ -153,6 +154,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
             put(set_policy).get(get_policy),
         )
         .route("/1.0/sandboxes/{name}/logs", get(sandbox_logs))
+        .route("/1.0/sandboxes/{name}/learn", get(sandbox_learn))
         .route("/1.0/networks", get(list_networks).post(create_network))
         .route(
             "/1.0/networks/{name}",
@@ -377,6 +379,32 @@ async fn sandbox_logs(
         );
     }
     Ok(Json(v))
+}
+
+/// A learning sandbox's log so far (JSON lines, as `learn --log` writes them), ended by an
+/// `end` line for this moment: `portcullis policy suggest` makes the policy from it.
+async fn sandbox_learn(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let l = live(&d, &name)?;
+    let log = l.learn.clone().ok_or_else(|| {
+        ApiError::conflict(format!(
+            "sandbox {name} does not learn (create one with \"learn\": true)"
+        ))
+    })?;
+    let text = tokio::task::spawn_blocking(move || log.download())
+        .await
+        .map_err(|e| ApiError::internal(format!("learn log task: {e}")))?
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        )],
+        text,
+    )
+        .into_response())
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -93,6 +93,7 @@ pub fn serve(config: Config, run_state: Option<std::path::PathBuf>) -> anyhow::R
         events.clone(),
         config.dnstap.clone(),
         upstream_latency.histogram.clone(),
+        config.state_dir.join("learn"),
     )?);
     let daemon = Arc::new(Daemon {
         config,

@@ -39,7 +39,10 @@ use super::store::{PolicySource, SandboxRow, Store};
 use crate::sandbox::Sandbox;
 
 mod attach;
+mod learning;
+
 pub use attach::AttachTarget;
+pub use learning::LearnLog;
 
 /// Blocked destinations itemised per sandbox; beyond, packets are only counted.
 const MAX_BLOCKED_ENTRIES: usize = 10_000;
@@ -49,7 +52,12 @@ const MAX_BLOCKED_ENTRIES: usize = 10_000;
 #[serde(deny_unknown_fields)]
 pub struct CreateRequest {
     pub name: String,
+    /// Required, unless the sandbox learns.
+    #[serde(default)]
     pub policy: PolicySource,
+    /// Learn instead of enforcing: open egress, every query and new flow recorded.
+    #[serde(default)]
+    pub learn: bool,
     #[serde(default)]
     pub network: Option<String>,
     #[serde(default)]
@@ -78,6 +86,8 @@ pub struct SandboxView {
     /// The namespace an attached sandbox filters (absent for the daemon's own).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attached: Option<super::store::AttachSource>,
+    /// A learning sandbox (its log: `GET /1.0/sandboxes/{name}/learn`).
+    pub learn: bool,
 }
 
 /// One sandbox the daemon serves.
@@ -96,6 +106,8 @@ pub struct Live {
     pub blocked: Arc<Mutex<BTreeMap<BlockedPacket, u64>>>,
     pub blocked_unlisted: Arc<AtomicU64>,
     pub peers: Vec<IpAddr>,
+    /// A learning sandbox's log.
+    pub learn: Option<Arc<LearnLog>>,
     /// The hash of the last element snapshot written, to skip unchanged ones.
     last_snapshot: Mutex<u64>,
 }
@@ -139,6 +151,8 @@ pub struct Manager {
     latency: prometheus_client::metrics::histogram::Histogram,
     /// The relay's dnstap output (config `dnstap`), shared by every sandbox.
     dnstap: Option<crate::dnstap::Producer>,
+    /// Where learning sandboxes' logs are kept (`<state_dir>/learn`).
+    learn_dir: PathBuf,
 }
 
 /// Names of sandboxes: 1 to 32 of a-z, 0-9, '-' and '_', starting with a letter or digit.
@@ -184,6 +198,15 @@ pub fn compile(source: &PolicySource) -> Result<Policy, ApiError> {
     Ok(Policy::new(rules))
 }
 
+/// A sandbox's policy: a learning one has none (egress is open), the others need one.
+fn policy_of(source: &PolicySource, learn: bool) -> Result<Policy, ApiError> {
+    if learn {
+        Ok(Policy::default())
+    } else {
+        compile(source)
+    }
+}
+
 fn publishes(given: &[String]) -> Result<Vec<Publish>, ApiError> {
     given
         .iter()
@@ -203,6 +226,7 @@ impl Manager {
         events: Events,
         dnstap: Option<portcullis_dnstap::Destination>,
         latency: prometheus_client::metrics::histogram::Histogram,
+        learn_dir: PathBuf,
     ) -> anyhow::Result<Manager> {
         let exe = std::fs::read_link("/proc/self/exe").context("find own executable")?;
         let dnstap = dnstap.map(|d| crate::dnstap::Producer::start(&rt, d));
@@ -221,6 +245,7 @@ impl Manager {
             events,
             latency,
             dnstap,
+            learn_dir,
         })
     }
 
@@ -282,6 +307,7 @@ impl Manager {
             set_elements: live.ctx.live_elements(),
             blocked_packets: blocked,
             created_at: row.as_ref().map_or(0, |r| r.created_at),
+            learn: live.learn.is_some(),
             attached: row.and_then(|r| r.attach),
         }
     }
@@ -289,10 +315,22 @@ impl Manager {
     /// Creates a sandbox (API: `POST /1.0/sandboxes`).
     pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<SandboxView, ApiError> {
         valid_name(&req.name)?;
+        if req.learn {
+            if req.attach.is_some() {
+                return Err(ApiError::bad_request(
+                    "\"learn\" makes a sandbox; it cannot be given with \"attach\"",
+                ));
+            }
+            if req.policy != PolicySource::default() {
+                return Err(ApiError::bad_request(
+                    "a learning sandbox has open egress and takes no policy: give \"learn\" or \"policy\", not both",
+                ));
+            }
+        }
         if let Some(target) = req.attach.clone() {
             return self.attach(req, target).await;
         }
-        let policy = Arc::new(compile(&req.policy)?);
+        let policy = Arc::new(policy_of(&req.policy, req.learn)?);
         let publish = publishes(&req.publish)?;
         let network = match &req.network {
             Some(n) => Some(NetworkName::parse(n).ok_or_else(|| {
@@ -320,6 +358,7 @@ impl Manager {
             relay_ports: None,
             nflog_group: None,
             created_at: super::store::now_ms() / 1000,
+            learn: req.learn,
         };
         let me = self.clone();
         let live = tokio::task::spawn_blocking(move || {
@@ -334,6 +373,10 @@ impl Manager {
         .await
         .map_err(|e| ApiError::internal(format!("create task: {e}")))?
         .map_err(|e| {
+            if req.learn {
+                // A log started for a sandbox that never came up goes with it.
+                let _ = std::fs::remove_file(learning::path_of(&self.learn_dir, &req.name));
+            }
             let msg = format!("{e:#}");
             if msg.starts_with("no network named") {
                 ApiError::not_found(msg)
@@ -400,7 +443,11 @@ impl Manager {
         let (ports, sockets) = self.bind_relay(&sandbox.addressing, None)?;
         let nflog = NflogGroup::bind_any(crate::session::nflog_candidates(&id))?;
         sandbox.record_nflog_group(nflog.group)?;
-        let rules = rules_of(&sandbox, ports, &policy, nflog.group, &publish);
+        let learn = self.learn_log(&row, restore.is_none())?;
+        if learn.is_some() {
+            nflog.enlarge_buffer(crate::session::LEARN_NFLOG_BUFFER)?;
+        }
+        let rules = rules_of(&sandbox, ports, &policy, nflog.group, &publish, row.learn);
         if publish.iter().any(Publish::from_loopback4) {
             let out_link = match &sandbox.network {
                 Some(n) => n.bridge.clone(),
@@ -419,13 +466,17 @@ impl Manager {
             ),
         )
         .with_context(|| format!("write {}", resolv.display()))?;
-        let ctx = Arc::new(self.relay_context(
+        let ctx = self.relay_context(
             &row.name,
             id.table(),
             sandbox.peers(),
             policy,
             self.netlink.clone(),
-        ));
+        );
+        let ctx = Arc::new(match &learn {
+            Some(l) => ctx.learning(l.recorder.clone()),
+            None => ctx,
+        });
         if let Some(saved) = restore {
             // After a reboot: the sets are new and empty; what was open before is opened
             // again for the rest of its lifetime.
@@ -446,8 +497,29 @@ impl Manager {
         row.relay_ports = Some([ports.udp4, ports.tcp4, ports.udp6, ports.tcp6]);
         row.nflog_group = Some(nflog.group);
         self.store.put_sandbox(&row)?;
-        let live = self.serve(row, ctx, self.wiring(sandbox, sockets, nflog))?;
+        let live = self.serve(
+            row,
+            ctx,
+            Wiring {
+                learn,
+                ..self.wiring(sandbox, sockets, nflog)
+            },
+        )?;
         Ok(live)
+    }
+
+    /// A learning sandbox's log: started anew (`fresh`) or continued; None for the others.
+    fn learn_log(&self, row: &SandboxRow, fresh: bool) -> anyhow::Result<Option<Arc<LearnLog>>> {
+        if !row.learn {
+            return Ok(None);
+        }
+        let bounds = (self.relay.min_ttl, self.relay.max_ttl);
+        Ok(Some(LearnLog::open(
+            &self.learn_dir,
+            &row.name,
+            bounds,
+            fresh,
+        )?))
     }
 
     /// Binds the relay's four sockets on the sandbox's host-side addresses: on `ports` when
@@ -494,6 +566,7 @@ impl Manager {
             writer: self.netlink.clone(),
             sockets,
             nflog,
+            learn: None,
         }
     }
 
@@ -535,7 +608,16 @@ impl Manager {
             self.events.clone(),
             row.name.clone(),
         );
+        if let Some(l) = &w.learn {
+            l.count_lost(nflog.lost_counter());
+        }
+        let recorder = w.learn.as_ref().map(|l| l.recorder.clone());
         let reader = nflog.spawn_reader(stop.clone(), move |p| {
+            // Learning: every new flow is logged, and let through.
+            if let Some(r) = &recorder {
+                r.flow(p);
+                return;
+            }
             ev.flow(&name, &p);
             if let Ok(mut m) = b.lock() {
                 if m.len() < MAX_BLOCKED_ENTRIES || m.contains_key(&p) {
@@ -563,6 +645,7 @@ impl Manager {
             nflog_stop: stop,
             blocked,
             blocked_unlisted: unlisted,
+            learn: w.learn,
             last_snapshot: Mutex::new(0),
         });
         if let Ok(mut m) = self.live.lock() {
@@ -603,6 +686,9 @@ impl Manager {
     /// Stops serving the sandbox, ends its keeper, removes its kernel objects.
     fn destroy(&self, live: &Live) -> Vec<String> {
         live.stop_serving();
+        if let Some(l) = &live.learn {
+            l.remove();
+        }
         if let Some(a) = &live.attached {
             return attach::detach(live, a);
         }
@@ -632,6 +718,12 @@ impl Manager {
         let live = self
             .get(name)
             .ok_or_else(|| ApiError::not_found(format!("no sandbox named {name}")))?;
+        if live.learn.is_some() {
+            return Err(ApiError::conflict(format!(
+                "sandbox {name} learns (open egress) and takes no policy: download what it \
+                 learned (GET /1.0/sandboxes/{name}/learn) and create an enforcing sandbox with it"
+            )));
+        }
         let me = self.clone();
         let l = live.clone();
         let src = source.clone();
@@ -672,7 +764,14 @@ impl Manager {
             .ok_or_else(|| anyhow!("sandbox is being deleted"))?;
         let ports = ports_of(row.relay_ports.unwrap_or([0; 4]));
         let publish = publishes(&row.publish).map_err(|e| anyhow!("{}", e.message))?;
-        let rules = rules_of(sb, ports, &policy, row.nflog_group.unwrap_or(0), &publish);
+        let rules = rules_of(
+            sb,
+            ports,
+            &policy,
+            row.nflog_group.unwrap_or(0),
+            &publish,
+            false,
+        );
         replace_rules(&id, &rules)?;
         let revoked = live.ctx.set_policy(policy)?;
         let cut = if revoked.keys.is_empty() {
@@ -781,7 +880,8 @@ impl Manager {
     }
 
     fn restore_one(self: &Arc<Self>, row: SandboxRow) -> anyhow::Result<&'static str> {
-        let policy = Arc::new(compile(&row.policy).map_err(|e| anyhow!("{}", e.message))?);
+        let policy =
+            Arc::new(policy_of(&row.policy, row.learn).map_err(|e| anyhow!("{}", e.message))?);
         // Remaining lifetimes were counted from the snapshot's time.
         let saved: Vec<portcullis_relay::SavedElement> = match self.store.elements(&row.name)? {
             Some((at, json)) => {
@@ -823,26 +923,41 @@ impl Manager {
             )?;
             let moved = Some([ports.udp4, ports.tcp4, ports.udp6, ports.tcp6]) != row.relay_ports
                 || nflog.group != group;
-            let ctx = Arc::new(self.relay_context(
+            let learn = self.learn_log(&row, false)?;
+            if learn.is_some() {
+                nflog.enlarge_buffer(crate::session::LEARN_NFLOG_BUFFER)?;
+            }
+            let ctx = self.relay_context(
                 &row.name,
                 id.table(),
                 sandbox.peers(),
                 policy.clone(),
                 self.netlink.clone(),
-            ));
+            );
+            let ctx = Arc::new(match &learn {
+                Some(l) => ctx.learning(l.recorder.clone()),
+                None => ctx,
+            });
             // The kernel kept the elements: only the relay's own bookkeeping is refilled.
             ctx.restore(saved, false)?;
             let mut row = row;
             if moved {
                 let publish = publishes(&row.publish).map_err(|e| anyhow!("{}", e.message))?;
-                let rules = rules_of(&sandbox, ports, &policy, nflog.group, &publish);
+                let rules = rules_of(&sandbox, ports, &policy, nflog.group, &publish, row.learn);
                 replace_rules(id, &rules)?;
                 row.relay_ports = Some([ports.udp4, ports.tcp4, ports.udp6, ports.tcp6]);
                 row.nflog_group = Some(nflog.group);
                 sandbox.record_nflog_group(nflog.group)?;
                 self.store.put_sandbox(&row)?;
             }
-            self.serve(row, ctx, self.wiring(sandbox, sockets, nflog))?;
+            self.serve(
+                row,
+                ctx,
+                Wiring {
+                    learn,
+                    ..self.wiring(sandbox, sockets, nflog)
+                },
+            )?;
             return Ok("adopted: its keeper, table and sets outlived the daemon");
         }
         // Gone (a reboot, or its keeper was killed): remove what is left and make it anew.
@@ -912,6 +1027,9 @@ impl Manager {
         self.snapshot_elements();
         for live in self.all() {
             live.stop_serving();
+            if let Some(l) = &live.learn {
+                l.close();
+            }
             // The `Sandbox` guard would tear everything down when dropped: the sandbox
             // outlives the daemon, so it is forgotten instead.
             if let Ok(mut s) = live.sandbox.lock()
@@ -967,15 +1085,17 @@ struct Wiring {
     writer: Arc<NetlinkSetWriter>,
     sockets: RelaySockets,
     nflog: NflogGroup,
+    learn: Option<Arc<LearnLog>>,
 }
 
-/// The ruleset of a daemon's sandbox (never learning): one place for create, swap, restore.
+/// The ruleset of a daemon's sandbox: one place for create, swap, restore.
 fn rules_of(
     sandbox: &Sandbox,
     ports: RelayPorts,
     policy: &Policy,
     nflog_group: u16,
     publish: &[Publish],
+    learn: bool,
 ) -> String {
     let statics = crate::session::statics(policy);
     sandbox_ruleset(&SandboxRules {
@@ -984,7 +1104,7 @@ fn rules_of(
         relay: ports,
         statics: &statics,
         nflog_group,
-        learn: false,
+        learn,
         publish,
         bridge: sandbox.network.as_ref().map(|n| n.bridge.as_str()),
     })

@@ -15,7 +15,7 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 
 /// Where a sandbox's policy came from, kept as given so `show` returns it unchanged.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub struct PolicySource {
     /// A TOML policy document.
@@ -59,6 +59,9 @@ pub struct SandboxRow {
     pub nflog_group: Option<u16>,
     /// Unix seconds.
     pub created_at: i64,
+    /// A learning sandbox: open egress, everything recorded (`learning.rs`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub learn: bool,
 }
 
 /// One audit record: a mutating API call.
@@ -283,6 +286,7 @@ mod tests {
             relay_ports: Some([1, 2, 3, 4]),
             nflog_group: Some(0x7001),
             created_at: 1,
+            learn: false,
         };
         {
             let s = Store::open(&path).unwrap();

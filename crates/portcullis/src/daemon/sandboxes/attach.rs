@@ -301,6 +301,7 @@ impl Manager {
             relay_ports: None,
             nflog_group: None,
             created_at: crate::daemon::store::now_ms() / 1000,
+            learn: false,
         };
         let me = self.clone();
         let netns_shown = source.netns.clone();
@@ -428,6 +429,7 @@ impl Manager {
                     writer,
                     sockets,
                     nflog: p.nflog,
+                    learn: None,
                 },
             )
         };
