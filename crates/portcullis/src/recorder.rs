@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,6 +19,14 @@ use portcullis_relay::{Observed, QueryObserver};
 /// keeps those answered last.
 const NAMES_PER_ADDRESS: usize = 16;
 
+/// Addresses remembered before the oldest are forgotten: a learning sandbox of the daemon
+/// lives for weeks, and its map must not grow with every address ever answered.
+const ADDRESSES_KEPT: usize = 1 << 16;
+
+/// How long after its element would have expired a name is still given to a flow (flagged
+/// as expired), once `ADDRESSES_KEPT` is reached.
+const EXPIRED_KEPT: Duration = Duration::from_secs(3600);
+
 /// Where events go: attribution state, and the queue to the writer.
 #[derive(Debug)]
 pub(crate) struct Recorder {
@@ -28,6 +36,8 @@ pub(crate) struct Recorder {
     /// `run`'s element lifetime bounds (`--min-ttl`, `--max-ttl` defaults).
     ttl_bounds: (u32, u32),
     queue: Mutex<Option<Sender<Event>>>,
+    /// The map's size at which it is next pruned.
+    prune_at: AtomicUsize,
     queries: AtomicU64,
     flows: AtomicU64,
 }
@@ -39,6 +49,7 @@ impl Recorder {
             names_of: Mutex::default(),
             ttl_bounds,
             queue: Mutex::new(Some(queue)),
+            prune_at: AtomicUsize::new(ADDRESSES_KEPT),
             queries: AtomicU64::new(0),
             flows: AtomicU64::new(0),
         }
@@ -102,6 +113,17 @@ impl Recorder {
         let Ok(mut m) = self.names_of.lock() else {
             return;
         };
+        if m.len() >= self.prune_at.load(Ordering::Relaxed) {
+            // Names long expired go first, then expired ones; what is left is live, and
+            // the next pruning waits until the map has doubled (no scan per answer).
+            let now = Instant::now();
+            m.retain(|_, names| names.values().any(|until| *until + EXPIRED_KEPT > now));
+            if m.len() >= ADDRESSES_KEPT {
+                m.retain(|_, names| names.values().any(|until| *until > now));
+            }
+            self.prune_at
+                .store(ADDRESSES_KEPT.max(2 * m.len()), Ordering::Relaxed);
+        }
         for a in answers {
             let names = m.entry(*a).or_default();
             let slot = names.entry(name.to_owned()).or_insert(until);

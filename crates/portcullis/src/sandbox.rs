@@ -252,13 +252,6 @@ impl Sandbox {
             let bridge = sb.network.as_ref().map(|n| n.bridge.as_str());
             link::setup_veth(&sb.id, &sb.addressing, netns, bridge)
                 .context("wire the sandbox network")?;
-            // Anti-spoofing, bound to the host-side link now that it exists, before CMD
-            // starts. Fail closed: without it the run fails, and `sb` tears everything down.
-            apply::apply(
-                &antispoof::antispoof_ruleset(&sb.id, &sb.addressing),
-                &format!("create nft table netdev {}", sb.id.table()),
-            )
-            .context("set up anti-spoofing")?;
             record.addressing = Some(sb.addressing.clone());
             state.update(&record)?;
             Ok(())
@@ -268,6 +261,21 @@ impl Sandbox {
         drop(lock);
         wired?;
         Ok(sb)
+    }
+
+    /// Loads the sandbox's tables in one `nft -f` transaction (one `nft` process, the
+    /// largest single cost of a run's start-up): `rules`, its `inet` table, and its
+    /// anti-spoofing table, bound to the host-side link. Both or neither: fail closed. Call
+    /// once, before CMD starts; on failure, dropping the sandbox tears everything down.
+    pub fn load_tables(&self, rules: &str) -> anyhow::Result<()> {
+        let mut script = antispoof::antispoof_ruleset(&self.id, &self.addressing);
+        script.push('\n');
+        script.push_str(rules);
+        apply::apply(
+            &script,
+            &format!("create nft tables inet and netdev {}", self.id.table()),
+        )?;
+        Ok(())
     }
 
     /// Takes over a daemon's sandbox that outlived the daemon (its keeper holds the lease).

@@ -18,7 +18,7 @@ use portcullis_kernel::nft::ruleset::{
     Publish, RelayPorts, SandboxRules, StaticAllow, sandbox_ruleset,
 };
 use portcullis_kernel::nft::sets::{NetlinkSetWriter, SetWriter};
-use portcullis_kernel::nft::{Family, apply};
+use portcullis_kernel::nft::Family;
 use portcullis_kernel::process::{Credentials, Helper, InitSpec, wait_signal};
 use portcullis_kernel::state::StateDir;
 use portcullis_policy::{Action, Policy, Target};
@@ -293,7 +293,7 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
             .with_context(|| format!("write {path}"))
             .code(FAILED)?;
     }
-    apply::apply(&rules, &format!("create nft table {}", id.table())).code(FAILED)?;
+    sandbox.load_tables(&rules).code(FAILED)?;
     std::fs::write(
         &resolv_path,
         format!(

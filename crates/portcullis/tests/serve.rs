@@ -1167,12 +1167,14 @@ fn a_learning_sandbox_records_what_it_needs_across_a_restart_and_its_log_makes_t
     d.spawn();
     assert_eq!(run(ONCE, B4), "OK", "{}", d.log());
 
-    // A learning sandbox takes no policy.
+    // A learning sandbox takes no policy, and shows none.
     let (code, v) = d.local(
         "PUT",
         "/1.0/sandboxes/learner/policy",
         Some(r#"{"allow": ["a.test"]}"#),
     );
+    assert!(code == 409 && is_json_error(&v, 409), "{code} {v}");
+    let (code, v) = d.local("GET", "/1.0/sandboxes/learner/policy", None);
     assert!(code == 409 && is_json_error(&v, 409), "{code} {v}");
 
     // The log, downloaded: every query and flow, the direct one flagged, complete.

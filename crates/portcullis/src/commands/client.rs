@@ -130,7 +130,12 @@ pub fn sandbox(cmd: SandboxCommand) -> Result<i32, Failure> {
                 println!(
                     "{:<24} {:<8} {:<10} {:>8} {:>8}",
                     s["name"].as_str().unwrap_or(""),
-                    s["status"].as_str().unwrap_or(""),
+                    // Open egress must not read like an enforced policy.
+                    if s["learn"] == json!(true) && s["status"] == "running" {
+                        "learning"
+                    } else {
+                        s["status"].as_str().unwrap_or("")
+                    },
                     s["network"]
                         .as_str()
                         .unwrap_or(if s.get("attached").is_some() {

@@ -329,6 +329,12 @@ async fn get_policy(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let l = live(&d, &name)?;
+    if l.learn.is_some() {
+        // An empty policy would read as "nothing allowed"; its egress is open.
+        return Err(ApiError::conflict(format!(
+            "sandbox {name} learns: it has no policy, and its egress is open"
+        )));
+    }
     let row = l
         .row
         .lock()

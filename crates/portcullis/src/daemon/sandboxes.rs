@@ -103,6 +103,7 @@ pub struct Live {
     writer: Arc<NetlinkSetWriter>,
     relay_tasks: Vec<tokio::task::AbortHandle>,
     nflog_stop: Arc<AtomicBool>,
+    nflog_reader: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub blocked: Arc<Mutex<BTreeMap<BlockedPacket, u64>>>,
     pub blocked_unlisted: Arc<AtomicU64>,
     pub peers: Vec<IpAddr>,
@@ -180,7 +181,7 @@ pub fn compile(source: &PolicySource) -> Result<Policy, ApiError> {
     let mut rules = Vec::new();
     if source.toml.is_none() && source.allow.is_empty() {
         return Err(ApiError::bad_request(
-            "the policy is empty: give \"toml\" (a policy document) or \"allow\" (patterns)",
+            "the policy is empty: give \"toml\" (a policy document) or \"allow\" (patterns), or make a learning sandbox (\"learn\": true, no policy)",
         ));
     }
     if let Some(text) = &source.toml {
@@ -384,8 +385,11 @@ impl Manager {
                 ApiError::internal(format!("create sandbox {}: {msg}", req.name))
             }
         })?;
-        self.events
-            .lifecycle(&live.name, "sandbox-created", serde_json::json!({}));
+        self.events.lifecycle(
+            &live.name,
+            "sandbox-created",
+            serde_json::json!({"learn": live.learn.is_some()}),
+        );
         Ok(self.view(&live))
     }
 
@@ -456,7 +460,7 @@ impl Manager {
             let path = format!("/proc/sys/net/ipv4/conf/{out_link}/route_localnet");
             std::fs::write(&path, "1\n").with_context(|| format!("write {path}"))?;
         }
-        apply::apply(&rules, &format!("create nft table {}", id.table()))?;
+        sandbox.load_tables(&rules)?;
         let a = &sandbox.addressing;
         std::fs::write(
             &resolv,
@@ -627,12 +631,15 @@ impl Manager {
                 }
             }
         });
-        if let Err(e) = reader {
-            for t in &tasks {
-                t.abort();
+        let reader = match reader {
+            Ok(r) => r,
+            Err(e) => {
+                for t in &tasks {
+                    t.abort();
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
-        }
+        };
         let live = Arc::new(Live {
             name: row.name.clone(),
             peers: w.peers,
@@ -643,6 +650,7 @@ impl Manager {
             writer: w.writer,
             relay_tasks: tasks,
             nflog_stop: stop,
+            nflog_reader: Mutex::new(Some(reader)),
             blocked,
             blocked_unlisted: unlisted,
             learn: w.learn,
@@ -712,7 +720,6 @@ impl Manager {
         name: &str,
         source: PolicySource,
     ) -> Result<PolicyChange, ApiError> {
-        let policy = Arc::new(compile(&source)?);
         // Not while the sandbox is being deleted or detached: its row would come back.
         let _op = self.ops.lock().await;
         let live = self
@@ -724,6 +731,7 @@ impl Manager {
                  learned (GET /1.0/sandboxes/{name}/learn) and create an enforcing sandbox with it"
             )));
         }
+        let policy = Arc::new(compile(&source)?);
         let me = self.clone();
         let l = live.clone();
         let src = source.clone();
@@ -1028,6 +1036,11 @@ impl Manager {
         for live in self.all() {
             live.stop_serving();
             if let Some(l) = &live.learn {
+                // What the kernel still holds for the reader goes in the log first: those
+                // flows are marked as logged and would never be logged again.
+                if let Some(r) = live.nflog_reader.lock().ok().and_then(|mut r| r.take()) {
+                    let _ = r.join();
+                }
                 l.close();
             }
             // The `Sandbox` guard would tear everything down when dropped: the sandbox
