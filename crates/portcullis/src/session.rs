@@ -14,11 +14,11 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use portcullis_kernel::names::{COUNTER_BLOCKED, COUNTER_SPOOFED, NetworkName, SandboxId};
 use portcullis_kernel::nflog::{BlockedPacket, NflogGroup};
+use portcullis_kernel::nft::Family;
 use portcullis_kernel::nft::ruleset::{
     Publish, RelayPorts, SandboxRules, StaticAllow, sandbox_ruleset,
 };
 use portcullis_kernel::nft::sets::{NetlinkSetWriter, SetWriter};
-use portcullis_kernel::nft::Family;
 use portcullis_kernel::process::{Credentials, Helper, InitSpec, wait_signal};
 use portcullis_kernel::state::StateDir;
 use portcullis_policy::{Action, Policy, Target};

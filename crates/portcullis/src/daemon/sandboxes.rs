@@ -447,10 +447,7 @@ impl Manager {
         let (ports, sockets) = self.bind_relay(&sandbox.addressing, None)?;
         let nflog = NflogGroup::bind_any(crate::session::nflog_candidates(&id))?;
         sandbox.record_nflog_group(nflog.group)?;
-        let learn = self.learn_log(&row, restore.is_none())?;
-        if learn.is_some() {
-            nflog.enlarge_buffer(crate::session::LEARN_NFLOG_BUFFER)?;
-        }
+        let learn = self.learn_log(&row, restore.is_none(), &nflog)?;
         let rules = rules_of(&sandbox, ports, &policy, nflog.group, &publish, row.learn);
         if publish.iter().any(Publish::from_loopback4) {
             let out_link = match &sandbox.network {
@@ -470,17 +467,14 @@ impl Manager {
             ),
         )
         .with_context(|| format!("write {}", resolv.display()))?;
-        let ctx = self.relay_context(
+        let ctx = Arc::new(self.relay_context(
             &row.name,
             id.table(),
             sandbox.peers(),
             policy,
             self.netlink.clone(),
-        );
-        let ctx = Arc::new(match &learn {
-            Some(l) => ctx.learning(l.recorder.clone()),
-            None => ctx,
-        });
+            learn.as_deref(),
+        ));
         if let Some(saved) = restore {
             // After a reboot: the sets are new and empty; what was open before is opened
             // again for the rest of its lifetime.
@@ -501,22 +495,22 @@ impl Manager {
         row.relay_ports = Some([ports.udp4, ports.tcp4, ports.udp6, ports.tcp6]);
         row.nflog_group = Some(nflog.group);
         self.store.put_sandbox(&row)?;
-        let live = self.serve(
-            row,
-            ctx,
-            Wiring {
-                learn,
-                ..self.wiring(sandbox, sockets, nflog)
-            },
-        )?;
+        let live = self.serve(row, ctx, self.wiring(sandbox, sockets, nflog, learn))?;
         Ok(live)
     }
 
-    /// A learning sandbox's log: started anew (`fresh`) or continued; None for the others.
-    fn learn_log(&self, row: &SandboxRow, fresh: bool) -> anyhow::Result<Option<Arc<LearnLog>>> {
+    /// A learning sandbox's log, started anew (`fresh`) or continued, and its NFLOG socket's
+    /// buffer enlarged (every new flow is logged); None for the others.
+    fn learn_log(
+        &self,
+        row: &SandboxRow,
+        fresh: bool,
+        nflog: &NflogGroup,
+    ) -> anyhow::Result<Option<Arc<LearnLog>>> {
         if !row.learn {
             return Ok(None);
         }
+        nflog.enlarge_buffer(crate::session::LEARN_NFLOG_BUFFER)?;
         let bounds = (self.relay.min_ttl, self.relay.max_ttl);
         Ok(Some(LearnLog::open(
             &self.learn_dir,
@@ -562,7 +556,13 @@ impl Manager {
     }
 
     /// What `serve` needs of a sandbox made (or adopted) by the daemon.
-    fn wiring(&self, sandbox: Sandbox, sockets: RelaySockets, nflog: NflogGroup) -> Wiring {
+    fn wiring(
+        &self,
+        sandbox: Sandbox,
+        sockets: RelaySockets,
+        nflog: NflogGroup,
+        learn: Option<Arc<LearnLog>>,
+    ) -> Wiring {
         Wiring {
             peers: sandbox.peers(),
             sandbox: Some(sandbox),
@@ -570,7 +570,7 @@ impl Manager {
             writer: self.netlink.clone(),
             sockets,
             nflog,
-            learn: None,
+            learn,
         }
     }
 
@@ -931,21 +931,15 @@ impl Manager {
             )?;
             let moved = Some([ports.udp4, ports.tcp4, ports.udp6, ports.tcp6]) != row.relay_ports
                 || nflog.group != group;
-            let learn = self.learn_log(&row, false)?;
-            if learn.is_some() {
-                nflog.enlarge_buffer(crate::session::LEARN_NFLOG_BUFFER)?;
-            }
-            let ctx = self.relay_context(
+            let learn = self.learn_log(&row, false, &nflog)?;
+            let ctx = Arc::new(self.relay_context(
                 &row.name,
                 id.table(),
                 sandbox.peers(),
                 policy.clone(),
                 self.netlink.clone(),
-            );
-            let ctx = Arc::new(match &learn {
-                Some(l) => ctx.learning(l.recorder.clone()),
-                None => ctx,
-            });
+                learn.as_deref(),
+            ));
             // The kernel kept the elements: only the relay's own bookkeeping is refilled.
             ctx.restore(saved, false)?;
             let mut row = row;
@@ -958,14 +952,7 @@ impl Manager {
                 sandbox.record_nflog_group(nflog.group)?;
                 self.store.put_sandbox(&row)?;
             }
-            self.serve(
-                row,
-                ctx,
-                Wiring {
-                    learn,
-                    ..self.wiring(sandbox, sockets, nflog)
-                },
-            )?;
+            self.serve(row, ctx, self.wiring(sandbox, sockets, nflog, learn))?;
             return Ok("adopted: its keeper, table and sets outlived the daemon");
         }
         // Gone (a reboot, or its keeper was killed): remove what is left and make it anew.
@@ -999,7 +986,7 @@ impl Manager {
     }
 
     /// The relay's view of one sandbox: the shared cache and set writer, its decisions on
-    /// the event stream, its name in logs and dnstap.
+    /// the event stream, its name in logs and dnstap, and a learning sandbox's recorder.
     fn relay_context(
         &self,
         name: &str,
@@ -1007,6 +994,7 @@ impl Manager {
         peers: Vec<std::net::IpAddr>,
         policy: Arc<Policy>,
         writer: Arc<NetlinkSetWriter>,
+        learn: Option<&LearnLog>,
     ) -> SandboxCtx {
         let writer: Arc<dyn SetWriter> = writer;
         let ctx = SandboxCtx::new(table, peers, policy, writer)
@@ -1017,6 +1005,10 @@ impl Manager {
                 sandbox: name.to_owned(),
                 latency: self.latency.clone(),
             }));
+        let ctx = match learn {
+            Some(l) => ctx.learning(l.recorder.clone()),
+            None => ctx,
+        };
         match &self.dnstap {
             Some(p) => ctx.with_tap(p.tap()),
             None => ctx,

@@ -408,6 +408,7 @@ impl Manager {
                 Vec::new(),
                 policy,
                 writer.clone(),
+                None,
             ));
             if let Some(saved) = saved {
                 ctx.restore(saved, !present)
