@@ -273,7 +273,10 @@ impl Sandbox {
         script.push_str(rules);
         apply::apply(
             &script,
-            &format!("create nft tables inet and netdev {}", self.id.table()),
+            &format!(
+                "create nft tables {} (its rules, and anti-spoofing on its link)",
+                self.id.table()
+            ),
         )?;
         Ok(())
     }
