@@ -372,20 +372,31 @@ impl StateDir {
         }
     }
 
-    /// Removes the directory when nothing but the lock file is left. Call with the lock held.
+    /// Removes the directory when nothing but the lock file and the stamp is left (and the
+    /// temporary stamp of a writer killed before its rename). Call with the lock held.
     pub fn remove_if_empty(&self) {
-        let only_lock = std::fs::read_dir(&self.root)
-            .map(|d| {
-                d.flatten()
-                    .all(|e| e.file_name() == "lock" || e.file_name() == "netns-cookie")
-            })
-            .unwrap_or(false);
-        if only_lock {
-            let _ = std::fs::remove_file(self.path("netns-cookie"));
-            let _ = std::fs::remove_file(self.path("lock"));
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        let names: Vec<std::ffi::OsString> = entries.flatten().map(|e| e.file_name()).collect();
+        let removable = names.iter().all(|n| {
+            n == "lock" || n == "netns-cookie" || n.to_str().is_some_and(dead_writers_stamp)
+        });
+        if removable {
+            for n in &names {
+                let _ = std::fs::remove_file(self.root.join(n));
+            }
             let _ = std::fs::remove_dir(&self.root);
         }
     }
+}
+
+/// `netns-cookie.<pid>`, the temporary stamp of `open_at`, whose writer is gone (SIGKILLed
+/// between the write and the rename). A live writer's is left alone: it renames it next.
+fn dead_writers_stamp(name: &str) -> bool {
+    name.strip_prefix("netns-cookie.")
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
 }
 
 #[cfg(test)]
@@ -445,6 +456,33 @@ mod tests {
         assert!(
             !dir.path().join("net-1").exists(),
             "an empty state directory is removed"
+        );
+    }
+
+    #[test]
+    fn the_stamp_of_a_killed_writer_does_not_keep_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("net-2");
+        let state = StateDir::open_at(root.clone(), Some(42)).unwrap();
+        // A writer that is still running: its temporary stamp keeps the directory.
+        let mine = root.join(format!("netns-cookie.{}", std::process::id()));
+        std::fs::write(&mine, "42\n").unwrap();
+        let lock = state.lock().unwrap();
+        state.remove_if_empty();
+        drop(lock);
+        assert!(mine.exists(), "a live writer's stamp was removed");
+        // One that was killed between its write and its rename does not.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        std::fs::rename(&mine, root.join(format!("netns-cookie.{dead}"))).unwrap();
+        let lock = state.lock().unwrap();
+        state.remove_if_empty();
+        drop(lock);
+        assert!(
+            !root.exists(),
+            "left: {:?}",
+            std::fs::read_dir(&root).map(|d| d.count())
         );
     }
 
