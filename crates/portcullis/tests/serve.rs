@@ -36,6 +36,8 @@ struct Daemon<'w> {
     world: &'w World,
     dir: PathBuf,
     child: Option<KillOnDrop>,
+    /// `--log-format json`, with the default filter of that format.
+    json_log: bool,
 }
 
 impl<'w> Daemon<'w> {
@@ -48,8 +50,23 @@ impl<'w> Daemon<'w> {
         Self::start_with(world, dir, pool4, "")
     }
 
+    /// Logging with `--log-format json` (and its default filter).
+    fn start_json(world: &'w World, dir: &Path) -> Daemon<'w> {
+        Self::start_inner(world, dir, "203.0.113.0/24", "", true)
+    }
+
     /// `extra`: more top-level keys of the configuration file.
     fn start_with(world: &'w World, dir: &Path, pool4: &str, extra: &str) -> Daemon<'w> {
+        Self::start_inner(world, dir, pool4, extra, false)
+    }
+
+    fn start_inner(
+        world: &'w World,
+        dir: &Path,
+        pool4: &str,
+        extra: &str,
+        json_log: bool,
+    ) -> Daemon<'w> {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("serve.toml");
         std::fs::write(
@@ -66,6 +83,7 @@ impl<'w> Daemon<'w> {
             world,
             dir: dir.to_owned(),
             child: None,
+            json_log,
         };
         d.spawn();
         d
@@ -73,12 +91,15 @@ impl<'w> Daemon<'w> {
 
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.join("serve.log")).unwrap();
-        let child = self
-            .world
-            .uplink_cmd(env!("CARGO_BIN_EXE_portcullis"))
+        let mut cmd = self.world.uplink_cmd(env!("CARGO_BIN_EXE_portcullis"));
+        if self.json_log {
+            cmd.args(["--log-format", "json"]);
+        } else {
+            cmd.env("PORTCULLIS_LOG", "info");
+        }
+        let child = cmd
             .args(["serve", "--config"])
             .arg(self.dir.join("serve.toml"))
-            .env("PORTCULLIS_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -1419,5 +1440,95 @@ fn attach_filters_a_foreign_namespace_and_detach_restores_it() {
         }),
         "a gone namespace stayed attached: {}",
         d.log()
+    );
+}
+
+/// `portcullis --log-format json serve`: every line the daemon writes is one JSON object, and
+/// its sandboxes' events are in it with the schema of docs/logging.md: the daemon's and the
+/// sandbox's lifecycle, DNS decisions labelled with the sandbox's name, one blocked-flow
+/// event per flow.
+#[test]
+fn the_daemon_logs_one_json_event_per_line() {
+    testworld_root();
+    let world = World::new(
+        &Zone::new()
+            .a("a.test", A4.parse::<Ipv4Addr>().unwrap(), 300)
+            .a("c.test", C4.parse::<Ipv4Addr>().unwrap(), 300),
+    );
+    world.serve_tcp(80);
+    let dir = tempdir(&world, "jsonlog");
+    let mut d = Daemon::start_json(&world, &dir);
+    d.create("web", &["a.test"]);
+    let pid = keeper(&d, "web");
+    let run = |script: &str, arg: &str| -> String {
+        let o = in_sandbox(pid, script, &[arg]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    };
+    assert_eq!(run(RESOLVE, "a.test"), A4, "{}", d.log());
+    assert_eq!(run(RESOLVE, "c.test"), "FAILED");
+    // The same flow twice: one event.
+    assert_eq!(run(ONCE, D4), "BLOCKED");
+    assert_eq!(run(ONCE, D4), "BLOCKED");
+    assert_eq!(d.local("DELETE", "/1.0/sandboxes/web", None).0, 204);
+    d.terminate();
+
+    let log = d.log();
+    let events: Vec<Value> = log
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            for k in ["timestamp", "level", "target", "message"] {
+                assert!(v[k].is_string(), "no {k}: {l}");
+            }
+            v
+        })
+        .collect();
+    let find = |target: &str, pred: &dyn Fn(&Value) -> bool| -> Vec<&Value> {
+        events
+            .iter()
+            .filter(|e| e["target"] == target && pred(e))
+            .collect()
+    };
+    let lifecycle = |event: &str| find("portcullis::lifecycle", &|e| e["event"] == event);
+    assert_eq!(lifecycle("daemon_started").len(), 1, "{log}");
+    assert_eq!(
+        lifecycle("daemon_started")[0]["sandboxes"],
+        json!(0),
+        "{log}"
+    );
+    assert_eq!(lifecycle("daemon_ready").len(), 1, "{log}");
+    let created = lifecycle("sandbox_created");
+    assert!(
+        created.len() == 1 && created[0]["sandbox"] == "web" && created[0]["learn"] == false,
+        "{log}"
+    );
+    assert_eq!(lifecycle("sandbox_deleted")[0]["sandbox"], "web", "{log}");
+    assert_eq!(lifecycle("daemon_stopping").len(), 1, "{log}");
+    let allowed = find("portcullis::dns", &|e| e["name"] == "a.test");
+    assert!(
+        allowed.iter().any(|e| e["decision"] == "allowed"
+            && e["sandbox"] == "web"
+            && e["qtype"] == "A"
+            && e["addresses"] == A4),
+        "{log}"
+    );
+    let denied = find("portcullis::dns", &|e| e["name"] == "c.test");
+    assert!(
+        !denied.is_empty()
+            && denied
+                .iter()
+                .all(|e| e["decision"] == "denied" && e["sandbox"] == "web"),
+        "{log}"
+    );
+    let flows = find("portcullis::flow", &|e| e["destination"] == D4);
+    assert_eq!(flows.len(), 1, "one event per flow: {log}");
+    assert_eq!(
+        (
+            &flows[0]["sandbox"],
+            &flows[0]["protocol"],
+            &flows[0]["port"]
+        ),
+        (&json!("web"), &json!("tcp"), &json!(80)),
+        "{log}"
     );
 }

@@ -22,15 +22,7 @@ pub fn run(args: RunArgs, state_dir: Option<PathBuf>) -> Result<i32, Failure> {
         if let Ok(mut f) = flows2.lock() {
             let n = f.entry(p).or_default();
             if *n == 0 {
-                // One event per flow (its first logged packet); the port only where there is one.
-                match p.dport {
-                    Some(port) => {
-                        tracing::info!(target: "portcullis::flow", destination = %p.dst, protocol = %p.protocol_name(), port, "blocked")
-                    }
-                    None => {
-                        tracing::info!(target: "portcullis::flow", destination = %p.dst, protocol = %p.protocol_name(), "blocked")
-                    }
-                }
+                crate::logging::blocked(None, &p);
             }
             *n += 1;
         }

@@ -71,7 +71,7 @@ impl Events {
     }
 
     pub fn lifecycle(&self, sandbox: &str, action: &str, details: Value) {
-        tracing::info!(target: "portcullis::lifecycle", sandbox = %sandbox, action = %action, details = %details);
+        crate::logging::daemon_event(sandbox, action, &details);
         self.send(
             json!({"type": "lifecycle", "sandbox": sandbox, "action": action, "details": details}),
         );
@@ -97,7 +97,12 @@ impl Events {
         );
     }
 
-    pub fn flow(&self, sandbox: &str, p: &BlockedPacket) {
+    /// A blocked packet of a flow the sandbox has not been seen trying before (`new`): logged
+    /// once per flow, as `run` does; every packet goes to the stream's readers.
+    pub fn flow(&self, sandbox: &str, p: &BlockedPacket, new: bool) {
+        if new {
+            crate::logging::blocked(Some(sandbox), p);
+        }
         self.send(json!({"type": "flow", "sandbox": sandbox, "address": p.dst,
             "protocol": p.protocol_name(), "port": p.dport, "decision": "blocked"}));
     }

@@ -212,16 +212,18 @@ async fn run(d: Arc<Daemon>, stop: Arc<tokio::sync::Notify>) -> anyhow::Result<(
         "daemon-started",
         serde_json::json!({"sandboxes": d.sandboxes.all().len(), "restore_problems": problems}),
     );
-    eprintln!(
-        "portcullis serve: ready on {}{}",
-        d.config.socket.display(),
-        d.config
-            .listen
-            .map(|a| format!(" and https://{a}"))
-            .unwrap_or_default()
-    );
+    let listen = d.config.listen.map(|a| format!("https://{a}"));
+    if crate::logging::is_json() {
+        tracing::info!(target: crate::logging::LIFECYCLE, event = "daemon_ready", socket = %d.config.socket.display(), listen, "ready");
+    } else {
+        eprintln!(
+            "portcullis serve: ready on {}{}",
+            d.config.socket.display(),
+            listen.map(|l| format!(" and {l}")).unwrap_or_default()
+        );
+    }
     stop.notified().await;
-    tracing::info!("stopping; sandboxes stay");
+    tracing::info!(target: crate::logging::LIFECYCLE, event = "daemon_stopping", "stopping; sandboxes stay");
     Ok(())
 }
 

@@ -622,14 +622,18 @@ impl Manager {
                 r.flow(p);
                 return;
             }
-            ev.flow(&name, &p);
+            let mut new = false;
             if let Ok(mut m) = b.lock() {
-                if m.len() < MAX_BLOCKED_ENTRIES || m.contains_key(&p) {
-                    *m.entry(p).or_default() += 1;
+                if let Some(n) = m.get_mut(&p) {
+                    *n += 1;
+                } else if m.len() < MAX_BLOCKED_ENTRIES {
+                    m.insert(p, 1);
+                    new = true;
                 } else {
                     u.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            ev.flow(&name, &p, new);
         });
         let reader = match reader {
             Ok(r) => r,

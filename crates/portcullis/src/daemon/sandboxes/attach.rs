@@ -499,6 +499,9 @@ impl Manager {
             if let Err(e) = self.store.delete_sandbox(&live.name) {
                 tracing::error!(sandbox = %live.name, "forget a detached sandbox: {e:#}");
             }
+            for e in &errors {
+                tracing::warn!(sandbox = %live.name, "teardown: {e}");
+            }
             tracing::warn!(sandbox = %live.name, "its namespace is gone: detached");
             self.events.lifecycle(
                 &live.name,
