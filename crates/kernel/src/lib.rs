@@ -8,6 +8,7 @@
 pub mod addrpool;
 pub mod cgroup;
 pub mod conntrack;
+pub mod exit;
 pub mod link;
 pub mod names;
 pub mod netns;

@@ -343,6 +343,9 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     }
     rt.shutdown_background();
     let errors = sandbox.teardown();
+    // The tables are gone: closing our netfilter sockets now would wait ~15 ms for the
+    // kernel's deferred destruction of them; a child holds them until we have exited.
+    portcullis_kernel::exit::release_netfilter_sockets_after_exit();
     for e in &errors {
         crate::logging::teardown_error(e);
     }
