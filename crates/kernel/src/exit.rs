@@ -19,8 +19,8 @@
 use std::os::fd::RawFd;
 
 /// Keeps this process's netfilter netlink sockets open in a child until 200 ms after this
-/// process has exited (at most 10 s), so that neither closing them nor its exit waits for nf_tables'
-/// deferred destruction. Call once the tables are deleted, with no lock held (the child
+/// process has exited (or 10 s have passed), so that neither closing them nor its exit waits
+/// for nf_tables' deferred destruction. Call once the tables are deleted, with no lock held (the child
 /// closes every other descriptor at once, but a lock taken between the fork and that close
 /// would be held a moment longer). The sockets stay usable here. Does nothing when no such
 /// socket is open or a step fails: closing them then merely waits. Returns the child's pid.
@@ -35,7 +35,7 @@ pub fn release_netfilter_sockets_after_exit() -> Option<u32> {
     keep.push(pidfd);
     keep.sort_unstable();
     // SAFETY: fork in a multithreaded process. The child makes raw system calls only
-    // (prctl, close_range, poll, _exit: async-signal-safe), reads `keep` (allocated before
+    // (prctl, close_range, poll, nanosleep, _exit: async-signal-safe), reads `keep` (allocated before
     // the fork) and allocates nothing; it never returns into Rust code.
     let child = unsafe { libc::fork() };
     if child == 0 {
