@@ -791,6 +791,23 @@ except OSError:
     print("FAILED", flush=True)
 "#;
 
+/// A world where a.test and NAME (at ADDR) resolve, with a TCP server on port 80.
+fn web_world(name: &str, addr: &str) -> World {
+    let world = World::new(
+        &Zone::new()
+            .a("a.test", A4.parse::<Ipv4Addr>().unwrap(), 300)
+            .a(name, addr.parse::<Ipv4Addr>().unwrap(), 300),
+    );
+    world.serve_tcp(80);
+    world
+}
+
+/// What `python3 -c SCRIPT ARG` printed in the sandbox of keeper `pid`, trimmed.
+fn said_in_sandbox(pid: u64, script: &str, arg: &str) -> String {
+    let o = in_sandbox(pid, script, &[arg]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
 /// `python3 -c SCRIPT ARGS` inside a sandbox's namespaces (its keeper's network and mount
 /// namespaces: its resolver is the relay).
 fn in_sandbox(pid: u64, script: &str, args: &[&str]) -> Command {
@@ -819,12 +836,7 @@ fn spawn_holder(pid: u64, stop: &Path, out: &Path) -> KillOnDrop {
 #[test]
 fn policy_swap_cuts_live_connections_and_blocks_new_ones() {
     testworld_root();
-    let world = World::new(
-        &Zone::new()
-            .a("a.test", A4.parse::<Ipv4Addr>().unwrap(), 300)
-            .a("b.test", B4.parse::<Ipv4Addr>().unwrap(), 300),
-    );
-    world.serve_tcp(80);
+    let world = web_world("b.test", B4);
     let dir = tempdir(&world, "swap");
     let d = Daemon::start(&world, &dir);
     d.create("web", &["a.test", "b.test"]);
@@ -961,12 +973,7 @@ fn exec_runs_in_the_sandbox_with_its_status_and_stdio() {
 #[test]
 fn restart_after_sigkill_keeps_fifty_sandboxes_and_their_connections() {
     testworld_root();
-    let world = World::new(
-        &Zone::new()
-            .a("a.test", A4.parse::<Ipv4Addr>().unwrap(), 300)
-            .a("c.test", C4.parse::<Ipv4Addr>().unwrap(), 300),
-    );
-    world.serve_tcp(80);
+    let world = web_world("c.test", C4);
     let dir = tempdir(&world, "restart");
     let mut d = Daemon::start(&world, &dir);
     let stop = dir.join("stop");
@@ -1150,12 +1157,7 @@ fn learned(world: &World, d: &Daemon, name: &str, out: &Path) -> std::process::O
 #[test]
 fn a_learning_sandbox_records_what_it_needs_across_a_restart_and_its_log_makes_the_policy() {
     testworld_root();
-    let world = World::new(
-        &Zone::new()
-            .a("a.test", A4.parse::<Ipv4Addr>().unwrap(), 300)
-            .a("b.test", B4.parse::<Ipv4Addr>().unwrap(), 300),
-    );
-    world.serve_tcp(80);
+    let world = web_world("b.test", B4);
     let dir = tempdir(&world, "learn");
     let mut d = Daemon::start(&world, &dir);
     let out = world
@@ -1172,10 +1174,7 @@ fn a_learning_sandbox_records_what_it_needs_across_a_restart_and_its_log_makes_t
     let (_, v) = d.local("GET", "/1.0/sandboxes/learner", None);
     assert_eq!(v["learn"], json!(true), "{v}");
     let pid = keeper(&d, "learner");
-    let run = |script: &str, arg: &str| -> String {
-        let o = in_sandbox(pid, script, &[arg]).output().unwrap();
-        String::from_utf8_lossy(&o.stdout).trim().to_owned()
-    };
+    let run = |script: &str, arg: &str| said_in_sandbox(pid, script, arg);
 
     // Open egress: a resolved name and a hard-coded address both connect.
     assert_eq!(run(RESOLVE, "a.test"), A4, "{}", d.log());
@@ -1288,12 +1287,7 @@ fn a_learning_sandbox_records_what_it_needs_across_a_restart_and_its_log_makes_t
 #[test]
 fn attach_filters_a_foreign_namespace_and_detach_restores_it() {
     testworld_root();
-    let world = World::new(
-        &Zone::new()
-            .a("a.test", A4.parse::<Ipv4Addr>().unwrap(), 300)
-            .a("b.test", B4.parse::<Ipv4Addr>().unwrap(), 300),
-    );
-    world.serve_tcp(80);
+    let world = web_world("b.test", B4);
     let dir = tempdir(&world, "attach");
     let mut d = Daemon::start_with_pool(&world, &dir, "203.0.113.128/25");
     let ctr = Container::new(&world);
@@ -1450,20 +1444,12 @@ fn attach_filters_a_foreign_namespace_and_detach_restores_it() {
 #[test]
 fn the_daemon_logs_one_json_event_per_line() {
     testworld_root();
-    let world = World::new(
-        &Zone::new()
-            .a("a.test", A4.parse::<Ipv4Addr>().unwrap(), 300)
-            .a("c.test", C4.parse::<Ipv4Addr>().unwrap(), 300),
-    );
-    world.serve_tcp(80);
+    let world = web_world("c.test", C4);
     let dir = tempdir(&world, "jsonlog");
     let mut d = Daemon::start_json(&world, &dir);
     d.create("web", &["a.test"]);
     let pid = keeper(&d, "web");
-    let run = |script: &str, arg: &str| -> String {
-        let o = in_sandbox(pid, script, &[arg]).output().unwrap();
-        String::from_utf8_lossy(&o.stdout).trim().to_owned()
-    };
+    let run = |script: &str, arg: &str| said_in_sandbox(pid, script, arg);
     assert_eq!(run(RESOLVE, "a.test"), A4, "{}", d.log());
     assert_eq!(run(RESOLVE, "c.test"), "FAILED");
     // The same flow twice: one event.
