@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod conntrack;
 pub mod exit;
 pub mod link;
+pub mod memory;
 pub mod names;
 pub mod netns;
 pub mod nflog;

@@ -156,13 +156,15 @@ impl NflogGroup {
         std::thread::Builder::new()
             .name(format!("nflog-{}", self.group))
             .spawn(move || {
-                let mut buf = vec![0u8; 1 << 16];
+                // Filled by `recv` from the start: only the pages messages reach are touched.
+                let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
                 loop {
+                    buf.clear();
                     // Once stopped (CMD has exited), what the kernel logged is already queued
                     // on the socket: read it without waiting, then end.
                     let stopping = stop.load(Ordering::Relaxed);
                     let flags = if stopping { libc::MSG_DONTWAIT } else { 0 };
-                    let n = match self.socket.recv(&mut &mut buf[..], flags) {
+                    let n = match self.socket.recv(&mut buf, flags) {
                         Ok(n) => n,
                         Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                             self.lost.fetch_add(1, Ordering::Relaxed);

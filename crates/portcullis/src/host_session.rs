@@ -32,7 +32,7 @@ use portcullis_relay::{SandboxCtx, server};
 use crate::exit::{FAILED, Failure, USAGE, WithCode as _, fail};
 use crate::session::{
     Finished, RELAY_UDP_BUFFER, Signals, Spec, aborted, find_command, nflog_candidates,
-    relay_runtime, require_privileges, spawn_signal_thread, start_helper,
+    relay_runtime, require_privileges, start_helper,
 };
 
 /// How CMD's sockets are recognised: the kernel side of the choice, and the group to remove.
@@ -236,9 +236,6 @@ pub fn execute(
     let (selector, cgroup2) = choose_selector(&id, explicit_user)?;
     let state = StateDir::open(state_dir).code(FAILED)?;
     let signals = Arc::new(Signals::default());
-    spawn_signal_thread(signals.clone());
-
-    let rt = relay_runtime()?;
     let netlink = Arc::new(NetlinkSetWriter::open().code(FAILED)?);
     let writer: Arc<dyn SetWriter> = netlink.clone();
 
@@ -258,12 +255,13 @@ pub fn execute(
         },
         &signals,
     )?;
+    let rt = relay_runtime()?;
 
     // The helper waits for "go": CMD, forked after it, is born in the group.
     if let Some(cg) = &cgroup2 {
         let dir = cg.create(&id).code(FAILED)?;
         run.cgroup = Some(dir.clone());
-        cgroup::add_process(&dir, helper.child.id()).code(FAILED)?;
+        cgroup::add_process(&dir, helper.id()).code(FAILED)?;
     }
     aborted(&signals)?;
 
@@ -327,7 +325,7 @@ pub fn execute(
     aborted(&signals)?;
     signals.started.store(true, Ordering::SeqCst);
     helper.go().code(FAILED)?;
-    crate::logging::command_started(&id.table(), &cmd_line, helper.child.id());
+    crate::logging::command_started(&id.table(), &cmd_line, helper.id());
     let code = helper.wait().code(FAILED)?;
     crate::logging::command_exited(&id.table(), code);
 

@@ -135,7 +135,7 @@ pub(crate) struct Signals {
     pub(crate) aborted: AtomicI32,
 }
 
-pub(crate) fn spawn_signal_thread(sig: Arc<Signals>) {
+fn spawn_signal_thread(sig: Arc<Signals>) {
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -195,14 +195,9 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         None => None,
     };
     let signals = Arc::new(Signals::default());
-    spawn_signal_thread(signals.clone());
-
-    let rt = relay_runtime()?;
-    let netlink = Arc::new(NetlinkSetWriter::open().code(FAILED)?);
-    let writer: Arc<dyn SetWriter> = netlink.clone();
-
     let id = SandboxId::random();
     let resolv_path = state.resolv_conf(&id);
+    // First, while this process has one thread: the helper is forked (see start_helper).
     let mut helper = start_helper(
         InitSpec {
             argv: cmd,
@@ -215,6 +210,9 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         },
         &signals,
     )?;
+    let rt = relay_runtime()?;
+    let netlink = Arc::new(NetlinkSetWriter::open().code(FAILED)?);
+    let writer: Arc<dyn SetWriter> = netlink.clone();
 
     let mut sandbox = Sandbox::create(
         &state,
@@ -325,7 +323,7 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     aborted(&signals)?;
     signals.started.store(true, Ordering::SeqCst);
     helper.go().code(FAILED)?;
-    crate::logging::command_started(&id.table(), &cmd_line, helper.child.id());
+    crate::logging::command_started(&id.table(), &cmd_line, helper.id());
     let code = helper.wait().code(FAILED)?;
     crate::logging::command_exited(&id.table(), code);
     sandbox.netns_gone();
@@ -390,16 +388,25 @@ pub(crate) fn aborted(s: &Signals) -> Result<(), Failure> {
     }
 }
 
-/// Starts the `__sandbox-init` helper for `init` and waits until its namespaces exist; it then
-/// waits for `go`. A signal during set-up wins over the error it caused.
-pub(crate) fn start_helper(init: InitSpec, signals: &Signals) -> Result<Helper, Failure> {
-    let exe = std::fs::read_link("/proc/self/exe")
-        .context("find own executable")
-        .code(FAILED)?;
-    let mut helper = Helper::spawn(&exe, &init).code(FAILED)?;
-    signals
-        .helper
-        .store(helper.child.id() as i32, Ordering::SeqCst);
+/// Starts the sandbox helper for `init`, then the signal thread, and waits until the helper's
+/// namespaces exist; it then waits for `go`. A signal during set-up wins over the error it
+/// caused.
+pub(crate) fn start_helper(init: InitSpec, signals: &Arc<Signals>) -> Result<Helper, Failure> {
+    // Forked while this process runs one thread (before the signal thread and the relay's
+    // runtime), so that the helper shares this process's memory instead of loading the
+    // binary again; re-executed otherwise (a run that started a thread before, e.g. learn's
+    // writer).
+    let mut helper = match Helper::fork(&init).code(FAILED)? {
+        Some(h) => h,
+        None => {
+            let exe = std::fs::read_link("/proc/self/exe")
+                .context("find own executable")
+                .code(FAILED)?;
+            Helper::spawn(&exe, &init).code(FAILED)?
+        }
+    };
+    signals.helper.store(helper.id() as i32, Ordering::SeqCst);
+    spawn_signal_thread(signals.clone());
     helper
         .wait_ready()
         .code(FAILED)

@@ -209,6 +209,35 @@ fn cmd_runs_as_the_sudo_caller_or_the_given_user_without_capabilities() {
 }
 
 #[test]
+fn cmd_starts_with_no_signal_ignored_or_blocked() {
+    let world = World::new(&zone());
+    // Portcullis itself ignores SIGPIPE (Rust does) and blocks the signals it forwards.
+    let out = run(
+        &world,
+        &["--allow", "ok.test"],
+        &[
+            "bash",
+            "-c",
+            "grep -E '^Sig(Ign|Blk)' /proc/self/status; yes | head -1 >/dev/null; \
+             echo \"yes exited ${PIPESTATUS[0]}\"",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let said = stdout(&out);
+    // Whatever started the test may ignore signals of its own (CMD inherits them): only
+    // SIGPIPE (13) is Portcullis's.
+    let ignored = said
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .expect("SigIgn");
+    assert_eq!(ignored & (1 << 12), 0, "SIGPIPE ignored: {said}");
+    assert!(said.contains("SigBlk:\t0000000000000000"), "{said}");
+    assert!(said.contains("yes exited 141"), "killed by SIGPIPE: {said}");
+    assert!(!stderr(&out).contains("Broken pipe"), "{}", stderr(&out));
+}
+
+#[test]
 fn forwarding_is_enabled_only_for_the_run_and_restored_after() {
     let world = World::new(&zone());
     world.serve_http(80);

@@ -91,6 +91,33 @@ fn sigkill_of_portcullis_takes_cmd_and_the_network_with_it() {
     assert_eq!(residue(&world), before, "cleanup left something behind");
 }
 
+/// The process chain of a run: Portcullis, its helper, the sandbox's PID 1, CMD. The helper is
+/// forked from Portcullis (it shares Portcullis's memory; a re-executed helper would show
+/// `__sandbox-init` and load the binary again), and neither it nor PID 1 keeps any of
+/// Portcullis's descriptors: only stdio.
+#[test]
+fn the_helper_is_forked_and_holds_only_stdio() {
+    const SECS: &str = "6176";
+    let world = World::new(&zone());
+    let (portcullis, cmd) = start_sleeper(&world, SECS);
+    let pid1 = parent_of(cmd).expect("CMD's parent");
+    let helper = parent_of(pid1).expect("PID 1's parent");
+    assert_eq!(parent_of(helper), Some(portcullis.pid()));
+    assert_eq!(
+        cmdline(helper),
+        cmdline(portcullis.pid()),
+        "the helper was re-executed"
+    );
+    for (what, pid) in [("helper", helper), ("PID 1", pid1)] {
+        let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("list descriptors")
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        fds.sort();
+        assert_eq!(fds, ["0", "1", "2"], "descriptors of the {what}");
+    }
+}
+
 /// Sends `signal` to Portcullis while `sleep <secs>` runs; returns how the run ended.
 fn signal_mid_run(signal: Signal, secs: &str) -> (std::process::Output, World) {
     let world = World::new(&zone());

@@ -148,7 +148,8 @@ impl NetlinkSetWriter {
             inner: Mutex::new(Inner {
                 socket,
                 seq: 1,
-                buf: vec![0; 65536],
+                // Filled by `recv` from the start: only the pages replies reach are touched.
+                buf: Vec::with_capacity(65536),
             }),
         })
     }
@@ -317,7 +318,8 @@ impl NetlinkSetWriter {
         let mut pending = awaited.len();
         let mut replies = Vec::new();
         while pending > 0 {
-            let n = match socket.recv(&mut &mut buf[..], 0) {
+            buf.clear();
+            let n = match socket.recv(buf, 0) {
                 Ok(n) => n,
                 Err(e)
                     if matches!(

@@ -177,10 +177,11 @@ fn start(exe: &std::path::Path, init: &InitSpec, tty: bool) -> anyhow::Result<(H
             fn take<T>(o: Option<T>) -> anyhow::Result<T> {
                 o.ok_or_else(|| anyhow::anyhow!("no pipe to the command"))
             }
+            let child = take(helper.child_mut())?;
             Stdio3::Pipes {
-                stdin: tokio::process::ChildStdin::from_std(take(helper.child.stdin.take())?)?,
-                stdout: tokio::process::ChildStdout::from_std(take(helper.child.stdout.take())?)?,
-                stderr: tokio::process::ChildStderr::from_std(take(helper.child.stderr.take())?)?,
+                stdin: tokio::process::ChildStdin::from_std(take(child.stdin.take())?)?,
+                stdout: tokio::process::ChildStdout::from_std(take(child.stdout.take())?)?,
+                stderr: tokio::process::ChildStderr::from_std(take(child.stderr.take())?)?,
             }
         }
     };
@@ -228,7 +229,7 @@ async fn pump<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
 ) {
     let (mut rd, wr) = tokio::io::split(stream);
     let wr = Arc::new(tokio::sync::Mutex::new(wr));
-    let pid = nix::unistd::Pid::from_raw(helper.child.id() as i32);
+    let pid = nix::unistd::Pid::from_raw(helper.id() as i32);
     let mut outputs = Vec::new();
     let copy =
         |mut src: Box<dyn AsyncRead + Unpin + Send>, kind: u8, wr: Arc<tokio::sync::Mutex<_>>| {

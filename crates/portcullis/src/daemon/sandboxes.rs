@@ -483,7 +483,7 @@ impl Manager {
         }
         helper.go()?;
         // The keeper sets up its mounts and starts its PID 1; a failure there ends it.
-        let pid = helper.child.id();
+        let pid = helper.id();
         let up = wait_for(Duration::from_secs(2), || has_children(pid));
         if !up {
             bail!("the sandbox keeper exited while setting up (see the daemon's log)");

@@ -206,7 +206,8 @@ pub fn cmdline(pid: u32) -> Option<Vec<String>> {
     )
 }
 
-fn parent_of(pid: u32) -> Option<u32> {
+/// The parent of `pid`.
+pub fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit_once(')')?
         .1
