@@ -15,16 +15,21 @@ pub fn single_malloc_arena() {
     }
 }
 
-/// Returns what start-up dirtied and freed: free heap pages (glibc keeps them mapped), and the
-/// pages of the calling thread's stack below the caller's frame (deeper calls that have
-/// returned, such as clap's parsing, left them dirty). Call from a shallow frame.
-#[inline(never)]
-pub fn shed_startup_memory() {
+/// Returns the pages of freed heap memory to the kernel (glibc keeps them mapped and dirty).
+pub fn trim_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only releases memory that is free.
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Returns what start-up dirtied and freed: free heap pages (`trim_heap`), and the pages of
+/// the calling thread's stack below the caller's frame (deeper calls that have returned, such
+/// as clap's parsing, left them dirty). Call from a shallow frame.
+#[inline(never)]
+pub fn shed_startup_memory() {
+    trim_heap();
     let marker = 0u8;
     let here = std::ptr::addr_of!(marker) as usize;
     if let Some(low) = stack_start(here) {

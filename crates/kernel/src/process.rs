@@ -228,6 +228,9 @@ impl Helper {
         let (go_r, go_w) =
             pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io("create pipe", e.into()))?;
         let parent = nix::unistd::getpid();
+        // What was freed since start-up (the policy's parse, the state directory's reads)
+        // would otherwise stay in the helper, and in PID 1, for the sandbox's life.
+        crate::memory::trim_heap();
         // SAFETY: this process runs one thread (checked above, and nothing in between starts
         // one), so the child may allocate and run any code. It never returns into the
         // caller: it ends in `_exit` or in CMD's exec.

@@ -325,6 +325,8 @@ pub fn execute(
     aborted(&signals)?;
     signals.started.store(true, Ordering::SeqCst);
     helper.go().code(FAILED)?;
+    // Set-up's garbage (the ruleset's text, netlink messages): the run now idles until CMD ends.
+    portcullis_kernel::memory::trim_heap();
     crate::logging::command_started(&id.table(), &cmd_line, helper.id());
     let code = helper.wait().code(FAILED)?;
     crate::logging::command_exited(&id.table(), code);
