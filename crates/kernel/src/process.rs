@@ -217,8 +217,8 @@ impl Helper {
 
     /// Forks the helper from this process, which must run one thread only: `Ok(None)` when it
     /// runs more, and the caller spawns instead. Not for keepers or `exec` (the daemon is
-    /// multithreaded). The helper closes every descriptor but stdio and its ends of the pipes,
-    /// so it holds no lock, socket or file of the parent.
+    /// multithreaded). The helper closes every close-on-exec descriptor but its ends of the
+    /// pipes, as exec would, so it holds no lock, socket or file of the parent.
     pub fn fork(spec: &InitSpec) -> Result<Option<Helper>> {
         if spec.keep || spec.join.is_some() || !single_threaded() {
             return Ok(None);
@@ -398,8 +398,9 @@ pub fn init_main(spec_json: &str) -> ! {
     helper_main(&spec, ready, go)
 }
 
-/// The forked helper (`Helper::fork`): keeps only stdio and its ends of the pipes, dies with
-/// the parent as a spawned helper does, then goes on as one.
+/// The forked helper (`Helper::fork`): keeps what exec would keep (its ends of the pipes,
+/// stdio, what was inherited without close-on-exec), dies with the parent as a spawned helper
+/// does, then goes on as one.
 fn forked_main(spec: &InitSpec, parent: Pid, ready: OwnedFd, go: OwnedFd) -> ! {
     // SAFETY: plain prctl call.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
@@ -410,16 +411,27 @@ fn forked_main(spec: &InitSpec, parent: Pid, ready: OwnedFd, go: OwnedFd) -> ! {
         // SAFETY: see die().
         unsafe { libc::_exit(EXIT_SETUP_FAILED) }
     }
-    let mut keep = [ready.as_raw_fd() as u32, go.as_raw_fd() as u32];
-    keep.sort_unstable();
-    let mut first = 3;
-    for last in keep.into_iter().chain([u32::MAX]) {
-        // SAFETY: closes descriptors of this process that nothing in it uses from here on
-        // (the parent's files, sockets and locks); stdio and the two pipes stay.
-        if last > first && unsafe { libc::close_range(first, last - 1, 0) } != 0 {
-            die("cannot close the parent's descriptors", EXIT_SETUP_FAILED);
+    // Portcullis opens every descriptor close-on-exec: those are the run's (state files and
+    // their locks, netlink sockets, the relay's sockets) and must not live on in the helper.
+    // A descriptor without the flag came from whoever started Portcullis and goes on to CMD,
+    // as it does through exec.
+    let keep = [ready.as_raw_fd(), go.as_raw_fd()];
+    let open: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(e) => die(&format!("list descriptors: {e}"), EXIT_SETUP_FAILED),
+    };
+    for fd in open.into_iter().filter(|fd| *fd > 2 && !keep.contains(fd)) {
+        // SAFETY: fcntl and close on descriptors of this process that nothing in it uses
+        // from here on (the directory listing above is closed: EBADF is ignored).
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC != 0 {
+                libc::close(fd);
+            }
         }
-        first = first.max(last.saturating_add(1));
     }
     helper_main(spec, File::from(ready), File::from(go))
 }

@@ -94,9 +94,10 @@ fn sigkill_of_portcullis_takes_cmd_and_the_network_with_it() {
 /// The process chain of a run: Portcullis, its helper, the sandbox's PID 1, CMD. The helper is
 /// forked from Portcullis (it shares Portcullis's memory; a re-executed helper would show
 /// `__sandbox-init` and load the binary again), and neither it nor PID 1 keeps any of
-/// Portcullis's descriptors: only stdio.
+/// Portcullis's descriptors: only stdio (and what Portcullis inherited, see
+/// `an_inherited_descriptor_reaches_cmd`).
 #[test]
-fn the_helper_is_forked_and_holds_only_stdio() {
+fn the_helper_is_forked_and_keeps_no_descriptor_of_the_run() {
     const SECS: &str = "6176";
     let world = World::new(&zone());
     let (portcullis, cmd) = start_sleeper(&world, SECS);
@@ -108,14 +109,62 @@ fn the_helper_is_forked_and_holds_only_stdio() {
         cmdline(portcullis.pid()),
         "the helper was re-executed"
     );
+    // What the test harness handed down without close-on-exec is handed on; nothing else.
+    let inherited = fds(portcullis.pid(), |fd| !close_on_exec(portcullis.pid(), fd));
+    assert!(inherited.iter().any(|fd| fd == "2"), "{inherited:?}");
     for (what, pid) in [("helper", helper), ("PID 1", pid1)] {
-        let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .expect("list descriptors")
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        fds.sort();
-        assert_eq!(fds, ["0", "1", "2"], "descriptors of the {what}");
+        assert_eq!(fds(pid, |_| true), inherited, "descriptors of the {what}");
     }
+}
+
+/// The descriptors of `pid` that `keep` selects, sorted.
+fn fds(pid: u32, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list descriptors")
+        .map(|e| {
+            e.expect("a descriptor")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|fd| keep(fd))
+        .collect();
+    fds.sort();
+    fds
+}
+
+/// Whether descriptor `fd` of `pid` is close-on-exec (O_CLOEXEC in its fdinfo flags, octal).
+fn close_on_exec(pid: u32, fd: &str) -> bool {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+        .is_some_and(|f| f & 0o2000000 != 0)
+}
+
+/// A descriptor Portcullis inherited without close-on-exec (a shell's `5<file`, systemd's
+/// socket activation) reaches CMD, as through any exec.
+#[test]
+fn an_inherited_descriptor_reaches_cmd() {
+    let world = World::new(&zone());
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let file = dir.path().join("handed-down");
+    std::fs::write(&file, "through fd 5\n").expect("write the file");
+    let portcullis = env!("CARGO_BIN_EXE_portcullis");
+    let out = world
+        .uplink_cmd("sh")
+        .arg("-c")
+        .arg(format!(
+            "exec 5<'{}'; exec '{portcullis}' run --pool4 {} --pool6 {} --allow ok.test -- \
+             sh -c 'cat <&5'",
+            file.display(),
+            World::POOL4,
+            World::POOL6,
+        ))
+        .output()
+        .expect("run portcullis");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "through fd 5\n");
 }
 
 /// Sends `signal` to Portcullis while `sleep <secs>` runs; returns how the run ended.
