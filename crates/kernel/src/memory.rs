@@ -1,12 +1,12 @@
 //! What a long-lived Portcullis process gives back to the kernel. Every `run` is its own
-//! process tree (the run, its helper and the sandbox's PID 1, both forked from the run), idle
+//! process tree (the run, its helper forked from it, the sandbox's PID 1 forked from that), idle
 //! for most of its life, so pages that start-up dirtied once and never uses again are paid
 //! per sandbox: clap's command tree (freed heap) and its parsing (deep stack), and glibc's
 //! per-thread arenas.
 
 /// One malloc arena for the whole process instead of one per thread: each arena keeps its own
-/// free pages. Allocation stays on glibc's per-thread caches for small sizes, so threads
-/// rarely meet on the arena's lock. Call before any thread starts.
+/// free pages. Small allocations stay on glibc's per-thread caches, so a few threads rarely
+/// meet on the arena's lock. Call before any thread starts.
 pub fn single_malloc_arena() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only changes allocator parameters.

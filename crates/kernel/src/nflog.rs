@@ -164,8 +164,9 @@ impl NflogGroup {
                     // on the socket: read it without waiting, then end.
                     let stopping = stop.load(Ordering::Relaxed);
                     let flags = if stopping { libc::MSG_DONTWAIT } else { 0 };
-                    let n = match self.socket.recv(&mut buf, flags) {
-                        Ok(n) => n,
+                    // What was received is `buf` (never more than was written into it).
+                    match self.socket.recv(&mut buf, flags) {
+                        Ok(_) => {}
                         Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                             self.lost.fetch_add(1, Ordering::Relaxed);
                             continue;
@@ -174,8 +175,8 @@ impl NflogGroup {
                         Err(_) => continue,
                     };
                     let mut off = 0;
-                    while off < n {
-                        let Ok(msg) = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[off..n])
+                    while off < buf.len() {
+                        let Ok(msg) = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[off..])
                         else {
                             break;
                         };

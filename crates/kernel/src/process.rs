@@ -8,8 +8,9 @@
 //! `Helper::spawn`). Either way, the helper:
 //!
 //! 1. unshares network, mount and PID namespaces (in host mode, mount and PID only) and
-//!    reports "ready" on fd 3;
-//! 2. waits on fd 4 for "go" while the parent wires the network namespace (EOF = abort);
+//!    reports "ready" on its ready pipe (fd 3 when spawned);
+//! 2. waits on its go pipe (fd 4 when spawned) for "go" while the parent wires the network
+//!    namespace (EOF = abort);
 //! 3. makes its mounts private and bind-mounts the relay's resolv.conf, read-only, over
 //!    /etc/resolv.conf (over its target when it is a symlink);
 //! 4. forks the PID namespace's init, which mounts /proc and /sys, forks CMD, forwards
@@ -110,9 +111,10 @@ enum HelperProcess {
     Forked { pid: Pid, reaped: bool },
 }
 
-/// Whether this process runs one thread only (field 20 of /proc/self/stat).
+/// Whether this process runs one thread only (field 20 of /proc/self/stat: not of
+/// /proc/PID, which in a PID namespace without its own /proc is another process).
 fn single_threaded() -> bool {
-    start_time_and_threads(std::process::id()).is_some_and(|(_, threads)| threads == 1)
+    start_time_and_threads("self").is_some_and(|(_, threads)| threads == 1)
 }
 
 fn forwarded_set(with_chld: bool) -> SigSet {
@@ -304,6 +306,9 @@ impl Helper {
     /// Lets a keeper go on without this handle: it is neither killed nor waited for when the
     /// handle drops. Returns its pid.
     pub fn release(self) -> u32 {
+        // Only keepers are released, and they are always spawned: a forked helper let go of
+        // would never be reaped.
+        debug_assert!(matches!(self.process, HelperProcess::Spawned(_)));
         let me = std::mem::ManuallyDrop::new(self);
         let pid = me.id();
         // SAFETY: each field is moved out exactly once and `me` is never used or dropped
@@ -556,12 +561,13 @@ fn join_main(spec: &InitSpec, keeper: u32, mut ready: File, mut go: File, all: &
 /// The start time of process `pid` (clock ticks after boot, field 22 of /proc/PID/stat):
 /// with the pid, it names one process for good, even after the pid is reused.
 pub fn start_time(pid: u32) -> Option<u64> {
-    start_time_and_threads(pid).map(|(start, _)| start)
+    start_time_and_threads(&pid.to_string()).map(|(start, _)| start)
 }
 
-/// Fields 22 (start time) and 20 (number of threads) of /proc/PID/stat; `None` for a zombie.
-fn start_time_and_threads(pid: u32) -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+/// Fields 22 (start time) and 20 (number of threads) of /proc/PROC/stat (a pid, or `self`);
+/// `None` for a zombie.
+fn start_time_and_threads(proc: &str) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{proc}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: count after the last ')'.
     // A zombie is gone already (field 3 is its state).
     let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();

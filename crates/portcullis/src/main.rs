@@ -53,7 +53,6 @@ fn main() {
             .unwrap_or_default();
         portcullis_kernel::process::init_main(&spec);
     }
-    portcullis_kernel::memory::single_malloc_arena();
     // Before any thread exists, so that every thread inherits the mask and only the signal
     // thread of `run` sees the signals it forwards.
     if let Err(e) = portcullis_kernel::process::block_forwarded_signals() {
@@ -68,6 +67,12 @@ fn main() {
     // of dirty stack; a run's helper and PID 1 are forked from this process and would keep
     // copies for the sandbox's whole life (see `process::Helper::fork`).
     portcullis_kernel::memory::shed_startup_memory();
+    // A run is one process per sandbox, idle for most of its life: one arena's free pages
+    // instead of one per thread. The daemon keeps glibc's default (its threads serve every
+    // sandbox at once).
+    if matches!(cli.command, cli::Command::Run(_) | cli::Command::Learn(_)) {
+        portcullis_kernel::memory::single_malloc_arena();
+    }
     logging::init(&cli);
     let code = match commands::dispatch(cli) {
         Ok(code) => code,

@@ -110,7 +110,9 @@ fn the_helper_is_forked_and_keeps_no_descriptor_of_the_run() {
         "the helper was re-executed"
     );
     // What the test harness handed down without close-on-exec is handed on; nothing else.
-    let inherited = fds(portcullis.pid(), |fd| !close_on_exec(portcullis.pid(), fd));
+    let inherited = fds(portcullis.pid(), |fd| {
+        close_on_exec(portcullis.pid(), fd) == Some(false)
+    });
     assert!(inherited.iter().any(|fd| fd == "2"), "{inherited:?}");
     for (what, pid) in [("helper", helper), ("PID 1", pid1)] {
         assert_eq!(fds(pid, |_| true), inherited, "descriptors of the {what}");
@@ -133,13 +135,14 @@ fn fds(pid: u32, keep: impl Fn(&str) -> bool) -> Vec<String> {
     fds
 }
 
-/// Whether descriptor `fd` of `pid` is close-on-exec (O_CLOEXEC in its fdinfo flags, octal).
-fn close_on_exec(pid: u32, fd: &str) -> bool {
-    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+/// Whether descriptor `fd` of `pid` is close-on-exec (O_CLOEXEC in its fdinfo flags, octal);
+/// `None` when it closed meanwhile.
+fn close_on_exec(pid: u32, fd: &str) -> Option<bool> {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
     info.lines()
         .find_map(|l| l.strip_prefix("flags:"))
         .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
-        .is_some_and(|f| f & 0o2000000 != 0)
+        .map(|f| f & 0o2000000 != 0)
 }
 
 /// A descriptor Portcullis inherited without close-on-exec (a shell's `5<file`, systemd's

@@ -31,7 +31,7 @@ pub async fn serve_udp(sock: UdpSocket, ctx: Arc<SandboxCtx>, cfg: Arc<RelayConf
     let mut buf = Vec::with_capacity(65535);
     loop {
         buf.clear();
-        let Ok((n, peer)) = sock.recv_buf_from(&mut buf).await else {
+        let Ok((_, peer)) = sock.recv_buf_from(&mut buf).await else {
             continue;
         };
         if !peer_allowed(&ctx, peer) {
@@ -40,7 +40,7 @@ pub async fn serve_udp(sock: UdpSocket, ctx: Arc<SandboxCtx>, cfg: Arc<RelayConf
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             continue;
         };
-        let data = buf[..n].to_vec();
+        let data = buf.to_vec();
         let (sock, ctx, cfg) = (sock.clone(), ctx.clone(), cfg.clone());
         tokio::spawn(async move {
             if let Some(reply) = ctx.handle_from(&cfg, &data, false, peer).await {

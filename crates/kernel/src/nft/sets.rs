@@ -319,8 +319,9 @@ impl NetlinkSetWriter {
         let mut replies = Vec::new();
         while pending > 0 {
             buf.clear();
-            let n = match socket.recv(buf, 0) {
-                Ok(n) => n,
+            // What was received is `buf` (never more than was written into it).
+            match socket.recv(buf, 0) {
+                Ok(_) => {}
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -332,8 +333,8 @@ impl NetlinkSetWriter {
                 Err(e) => return Err(Error::io(what(), e)),
             };
             let mut off = 0;
-            while off < n {
-                let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[off..n])
+            while off < buf.len() {
+                let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[off..])
                     .map_err(|e| Error::netlink(what(), e))?;
                 let len = msg.header.length as usize;
                 if len == 0 {
