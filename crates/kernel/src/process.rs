@@ -8,8 +8,8 @@
 //! `Helper::spawn`). Either way, the helper:
 //!
 //! 1. unshares network, mount and PID namespaces (in host mode, mount and PID only) and
-//!    reports "ready" on its ready pipe (fd 3 when spawned);
-//! 2. waits on its go pipe (fd 4 when spawned) for "go" while the parent wires the network
+//!    reports "ready" on its ready pipe;
+//! 2. waits on its go pipe for "go" while the parent wires the network
 //!    namespace (EOF = abort);
 //! 3. makes its mounts private and bind-mounts the relay's resolv.conf, read-only, over
 //!    /etc/resolv.conf (over its target when it is a symlink);
@@ -161,7 +161,8 @@ fn wait_in(set: &SigSet) -> Result<(Signal, bool)> {
 }
 
 impl Helper {
-    /// Starts `exe __sandbox-init SPEC` with the ready/go pipes on fds 3 and 4.
+    /// Starts `exe __sandbox-init SPEC READY GO`, READY and GO the numbers of its ends of the
+    /// ready/go pipes.
     pub fn spawn(exe: &Path, spec: &InitSpec) -> Result<Helper> {
         Self::spawn_with(exe, spec, None, |_| {})
     }
@@ -180,13 +181,20 @@ impl Helper {
             pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io("create pipe", e.into()))?;
         let (go_r, go_w) =
             pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::io("create pipe", e.into()))?;
+        // The helper's ends stay open across exec under numbers above KEEPER_LEASE_FD, so that
+        // nothing Portcullis inherited is overwritten (socket activation starts at fd 3) and
+        // the lease's dup2 cannot land on them.
+        let (ready_w, go_r) = (above_lease_fd(ready_w)?, above_lease_fd(go_r)?);
         let (rw, gr) = (ready_w.as_raw_fd(), go_r.as_raw_fd());
         let mut cmd = Command::new(exe);
-        cmd.arg("__sandbox-init").arg(json);
+        cmd.arg("__sandbox-init")
+            .arg(json)
+            .arg(rw.to_string())
+            .arg(gr.to_string());
         configure(&mut cmd);
         let keep = spec.keep;
-        // SAFETY: only async-signal-safe syscalls (prctl, dup2, setsid) run between fork and
-        // exec.
+        // SAFETY: only async-signal-safe syscalls (prctl, fcntl, dup2, setsid) run between
+        // fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 // A keeper outlives Portcullis, in a session of its own (no terminal's ^C).
@@ -195,7 +203,7 @@ impl Helper {
                 } else if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if libc::dup2(rw, 3) < 0 || libc::dup2(gr, 4) < 0 {
+                if libc::fcntl(rw, libc::F_SETFD, 0) < 0 || libc::fcntl(gr, libc::F_SETFD, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 if let Some(fd) = lease
@@ -387,17 +395,38 @@ fn status_code(status: WaitStatus) -> Option<i32> {
     }
 }
 
-/// Entry point of the helper (`portcullis __sandbox-init SPEC`). Never returns.
-pub fn init_main(spec_json: &str) -> ! {
+/// A duplicate of `fd`, close-on-exec, numbered above `KEEPER_LEASE_FD`; `fd` is closed.
+fn above_lease_fd(fd: OwnedFd) -> Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor this function owns; the new one is owned by the
+    // returned OwnedFd alone.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, KEEPER_LEASE_FD + 1) };
+    if new < 0 {
+        return Err(Error::io("move a pipe", std::io::Error::last_os_error()));
+    }
+    // SAFETY: see above.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Entry point of the helper (`portcullis __sandbox-init SPEC READY GO`). Never returns.
+pub fn init_main(spec_json: &str, ready: &str, go: &str) -> ! {
     let spec: InitSpec = match serde_json::from_str(spec_json) {
         Ok(s) => s,
         Err(e) => die(&format!("bad init spec: {e}"), EXIT_SETUP_FAILED),
     };
-    // SAFETY: fds 3 and 4 were set up by Helper::spawn and are owned by nobody else here.
+    let (Ok(ready), Ok(go)) = (ready.parse::<i32>(), go.parse::<i32>()) else {
+        die("bad pipe descriptors", EXIT_SETUP_FAILED)
+    };
+    if ready <= 2 || go <= 2 || ready == go {
+        die("bad pipe descriptors", EXIT_SETUP_FAILED);
+    }
+    // SAFETY: Helper::spawn left these two pipe ends open for this process, which owns them
+    // alone from here on; close-on-exec again, so that CMD does not get them.
     let (ready, go) = unsafe {
+        libc::fcntl(ready, libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::fcntl(go, libc::F_SETFD, libc::FD_CLOEXEC);
         (
-            File::from(OwnedFd::from_raw_fd(3)),
-            File::from(OwnedFd::from_raw_fd(4)),
+            File::from(OwnedFd::from_raw_fd(ready)),
+            File::from(OwnedFd::from_raw_fd(go)),
         )
     };
     helper_main(&spec, ready, go)

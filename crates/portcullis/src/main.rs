@@ -47,11 +47,13 @@ fn usage_error(e: clap::Error) -> ! {
 fn main() {
     let mut args = std::env::args_os();
     if args.nth(1).is_some_and(|a| a == "__sandbox-init") {
-        let spec = args
-            .next()
-            .and_then(|s| s.into_string().ok())
-            .unwrap_or_default();
-        portcullis_kernel::process::init_main(&spec);
+        let mut next = || {
+            args.next()
+                .and_then(|s| s.into_string().ok())
+                .unwrap_or_default()
+        };
+        let (spec, ready, go) = (next(), next(), next());
+        portcullis_kernel::process::init_main(&spec, &ready, &go);
     }
     // Before any thread exists, so that every thread inherits the mask and only the signal
     // thread of `run` sees the signals it forwards.

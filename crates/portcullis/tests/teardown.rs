@@ -145,29 +145,36 @@ fn close_on_exec(pid: u32, fd: &str) -> Option<bool> {
         .map(|f| f & 0o2000000 != 0)
 }
 
-/// A descriptor Portcullis inherited without close-on-exec (a shell's `5<file`, systemd's
-/// socket activation) reaches CMD, as through any exec.
+/// A descriptor Portcullis inherited without close-on-exec (a shell's `3<file`, systemd's
+/// socket activation from fd 3 on) reaches CMD under its number, as through any exec: with
+/// the helper forked (`run`) and re-executed (`learn`, whose log writer thread runs first).
 #[test]
 fn an_inherited_descriptor_reaches_cmd() {
     let world = World::new(&zone());
     let dir = tempfile::tempdir().expect("a temporary directory");
     let file = dir.path().join("handed-down");
-    std::fs::write(&file, "through fd 5\n").expect("write the file");
+    std::fs::write(&file, "through fd 3\n").expect("write the file");
+    let policy = dir.path().join("learned.toml");
     let portcullis = env!("CARGO_BIN_EXE_portcullis");
-    let out = world
-        .uplink_cmd("sh")
-        .arg("-c")
-        .arg(format!(
-            "exec 5<'{}'; exec '{portcullis}' run --pool4 {} --pool6 {} --allow ok.test -- \
-             sh -c 'cat <&5'",
-            file.display(),
-            World::POOL4,
-            World::POOL6,
-        ))
-        .output()
-        .expect("run portcullis");
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "through fd 5\n");
+    for mode in [
+        "run --allow ok.test".to_owned(),
+        format!("learn -o '{}'", policy.display()),
+    ] {
+        let out = world
+            .uplink_cmd("sh")
+            .arg("-c")
+            .arg(format!(
+                "exec 3<'{}'; exec '{portcullis}' {mode} --pool4 {} --pool6 {} -- \
+                 sh -c 'cat <&3'",
+                file.display(),
+                World::POOL4,
+                World::POOL6,
+            ))
+            .output()
+            .expect("run portcullis");
+        assert_eq!(out.status.code(), Some(0), "{mode}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "through fd 3\n", "{mode}");
+    }
 }
 
 /// Sends `signal` to Portcullis while `sleep <secs>` runs; returns how the run ended.
