@@ -308,6 +308,16 @@ fn sigkill_then_cleanup_leaves_nothing() {
         cmd[0],
         dir.display()
     );
+    // The helper (CMD's grandparent, below Portcullis) was forked, as in netns mode.
+    let helper = parent_of(cmd[0])
+        .and_then(parent_of)
+        .expect("CMD's grandparent");
+    assert_eq!(parent_of(helper), Some(portcullis.pid()));
+    assert_eq!(
+        cmdline(helper),
+        cmdline(portcullis.pid()),
+        "the helper was re-executed"
+    );
 
     kill(Pid::from_raw(portcullis.pid() as i32), Signal::SIGKILL).unwrap();
     let out = portcullis.output_within(Duration::from_secs(10));
