@@ -24,12 +24,11 @@ pub fn trim_heap() {
     }
 }
 
-/// Returns what start-up dirtied and freed: free heap pages (`trim_heap`), and the pages of
-/// the calling thread's stack below the caller's frame (deeper calls that have returned, such
-/// as clap's parsing, left them dirty). Call from a shallow frame.
+/// Drops the pages of the calling thread's stack below the caller's frame: deeper calls that
+/// have returned (clap's parsing) left them dirty. The heap's freed pages go back at the fork
+/// of the helper (`process::Helper::fork`) and once CMD runs. Call from a shallow frame.
 #[inline(never)]
-pub fn shed_startup_memory() {
-    trim_heap();
+pub fn shed_startup_stack() {
     let marker = 0u8;
     let here = std::ptr::addr_of!(marker) as usize;
     if let Some(low) = stack_start(here) {
@@ -60,15 +59,14 @@ fn stack_start(addr: usize) -> Option<usize> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     maps.lines()
         .filter(|l| l.ends_with("[stack]"))
-        .find_map(|l| {
-            let (lo, rest) = l.split_once('-')?;
-            let hi = rest.split_whitespace().next()?;
-            let (lo, hi) = (
-                usize::from_str_radix(lo, 16).ok()?,
-                usize::from_str_radix(hi, 16).ok()?,
-            );
-            (lo..hi).contains(&addr).then_some(lo)
-        })
+        .filter_map(address_range)
+        .find_map(|r| r.contains(&addr).then_some(r.start))
+}
+
+/// The address range that starts a line of /proc/PID/maps or smaps (`lo-hi perms ...`).
+fn address_range(line: &str) -> Option<std::ops::Range<usize>> {
+    let (lo, hi) = line.split_once(' ')?.0.split_once('-')?;
+    Some(usize::from_str_radix(lo, 16).ok()?..usize::from_str_radix(hi, 16).ok()?)
 }
 
 #[cfg(test)]
@@ -80,12 +78,8 @@ mod tests {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
         let mut current = None;
         for line in smaps.lines() {
-            if let Some((range, _)) = line.split_once(' ')
-                && let Some((lo, hi)) = range.split_once('-')
-                && let (Ok(lo), Ok(hi)) =
-                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
-            {
-                current = (lo..hi).contains(&addr).then_some(lo);
+            if let Some(range) = address_range(line) {
+                current = range.contains(&addr).then_some(range.start);
             } else if let (Some(lo), Some(v)) = (current, line.strip_prefix("Anonymous:")) {
                 return (lo, v.trim().trim_end_matches("kB").trim().parse().unwrap());
             }
@@ -109,6 +103,16 @@ mod tests {
         let here = std::ptr::addr_of!(marker) as usize;
         let main = nix::unistd::gettid() == nix::unistd::getpid();
         assert_eq!(stack_start(here).is_some(), main);
+        // The main thread's stack is found from any address in it (tests run on other threads).
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let stack = maps
+            .lines()
+            .find(|l| l.ends_with("[stack]"))
+            .and_then(address_range)
+            .expect("a [stack] mapping");
+        assert_eq!(stack_start(stack.end - 64), Some(stack.start));
+        assert_eq!(stack_start(stack.start), Some(stack.start));
+        assert_eq!(stack_start(stack.end), None);
     }
 
     #[test]

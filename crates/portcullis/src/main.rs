@@ -65,10 +65,10 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => usage_error(e),
     };
-    // Building clap's command tree and parsing it leave ~250 KiB of freed heap and ~110 KiB
-    // of dirty stack; a run's helper and PID 1 are forked from this process and would keep
-    // copies for the sandbox's whole life (see `process::Helper::fork`).
-    portcullis_kernel::memory::shed_startup_memory();
+    // Parsing leaves ~110 KiB of dirty stack (and ~250 KiB of freed heap, trimmed at the
+    // fork); a run's helper and PID 1 are forked from this process and would keep copies for
+    // the sandbox's whole life (see `process::Helper::fork`).
+    portcullis_kernel::memory::shed_startup_stack();
     // A run is one process per sandbox, idle for most of its life: one arena's free pages
     // instead of one per thread. The daemon keeps glibc's default (its threads serve every
     // sandbox at once).
