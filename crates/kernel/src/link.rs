@@ -105,11 +105,10 @@ pub fn create_bridge(
 }
 
 /// Creates the veth pair of sandbox `id` with its sandbox end (`eth0`) directly in the
-/// namespace at `ns_path`, and configures both ends: addresses, routes, loopback, links up.
-/// With `bridge`, the host end carries no address: it becomes an isolated port of that
-/// bridge, and the sandbox gets its addresses as /32 and /128 with a host route to the
-/// gateway (`a.host4`, `a.host6`, on the bridge), so that it sends everything to the host.
-pub fn setup_veth(
+/// namespace at `ns_path`, and configures the host end: its addresses, up. The sandbox end
+/// is [`configure_sandbox_end`]'s. With `bridge`, the host end carries no address: it
+/// becomes an isolated port of that bridge.
+pub fn create_veth(
     id: &SandboxId,
     a: &Addressing,
     ns_path: &Path,
@@ -117,7 +116,6 @@ pub fn setup_veth(
 ) -> Result<()> {
     let host = id.host_ifname();
     let bridge = bridge.map(str::to_owned);
-    let bridged = bridge.is_some();
     let ns = std::fs::File::open(ns_path)
         .map_err(|e| Error::io(format!("open {}", ns_path.display()), e))?;
     let a2 = a.clone();
@@ -175,7 +173,14 @@ pub fn setup_veth(
             .execute()
             .await
             .map_err(nl(format!("set {host2} up")))
-    })?;
+    })
+}
+
+/// Configures the sandbox end of the veth pair [`create_veth`] made, in the namespace at
+/// `ns_path`: loopback and `eth0` up, addresses, routes. `bridged` (the host end is a bridge
+/// port): the sandbox gets its addresses as /32 and /128 with a host route to the gateway
+/// (`a.host4`, `a.host6`, on the bridge), so that it sends everything to the host.
+pub fn configure_sandbox_end(a: &Addressing, ns_path: &Path, bridged: bool) -> Result<()> {
     let a = a.clone();
     netns::run_in(ns_path, move || {
         with_handle(|handle| async move {

@@ -354,6 +354,39 @@ impl Helper {
         }
     }
 
+    /// Waits for CMD to end and returns its exit code, as the helper reports it just before
+    /// it exits: PID 1, and with it every process of the sandbox, is gone by then. The
+    /// helper's own exit (its mount namespace's teardown, about a millisecond) then overlaps
+    /// the caller's teardown; call [`Helper::reap`] at the end. A helper that died without
+    /// reporting (killed) is waited for, and its own status says how it ended.
+    pub fn wait_reported(&mut self) -> Result<i32> {
+        let mut b = [0u8; 4];
+        match self.ready.read_exact(&mut b) {
+            Ok(()) => Ok(i32::from_ne_bytes(b)),
+            Err(_) => self.wait(),
+        }
+    }
+
+    /// Waits for the helper's exit after [`Helper::wait_reported`].
+    pub fn reap(&mut self) -> Result<()> {
+        match &mut self.process {
+            HelperProcess::Spawned(c) => c
+                .wait()
+                .map(drop)
+                .map_err(|e| Error::io("wait for the sandbox helper", e)),
+            HelperProcess::Forked { pid, reaped } => {
+                while !*reaped {
+                    match waitpid(*pid, None) {
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        Err(e) => return Err(Error::io("wait for the sandbox helper", e.into())),
+                        Ok(st) => *reaped = status_code(st).is_some(),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Sends a signal to the helper (which forwards it to CMD).
     pub fn signal(&self, sig: Signal) {
         let _ = kill(Pid::from_raw(self.id() as i32), sig);
@@ -489,7 +522,8 @@ fn helper_main(spec: &InitSpec, mut ready: File, mut go: File) -> ! {
     if ready.write_all(b"r").is_err() {
         die("parent went away", EXIT_SETUP_FAILED);
     }
-    drop(ready);
+    // The same pipe later carries CMD's exit code (see `Helper::wait_reported`).
+    let report = ready;
     let mut b = [0u8; 1];
     if !matches!(go.read(&mut b), Ok(1) if b[0] == b'g') {
         // The parent failed to set the sandbox up, or was stopped: it reports why.
@@ -502,8 +536,11 @@ fn helper_main(spec: &InitSpec, mut ready: File, mut go: File) -> ! {
     }
     // SAFETY: this process is single-threaded (it never started a thread), so fork is sound.
     match unsafe { fork() } {
-        Ok(ForkResult::Child) => pid1(spec, &all),
-        Ok(ForkResult::Parent { child }) => supervise(child, &all, false),
+        Ok(ForkResult::Child) => {
+            drop(report);
+            pid1(spec, &all)
+        }
+        Ok(ForkResult::Parent { child }) => supervise(child, &all, false, Some(report)),
         Err(e) => die(&format!("fork: {e}"), EXIT_SETUP_FAILED),
     }
 }
@@ -582,7 +619,7 @@ fn join_main(spec: &InitSpec, keeper: u32, mut ready: File, mut go: File, all: &
     // SAFETY: this process is single-threaded (it never started a thread), so fork is sound.
     match unsafe { fork() } {
         Ok(ForkResult::Child) => exec_cmd(spec),
-        Ok(ForkResult::Parent { child }) => supervise(child, all, false),
+        Ok(ForkResult::Parent { child }) => supervise(child, all, false, None),
         Err(e) => die(&format!("fork: {e}"), EXIT_SETUP_FAILED),
     }
 }
@@ -678,7 +715,7 @@ fn pid1(spec: &InitSpec, set: &SigSet) -> ! {
     // SAFETY: single-threaded process, see init_main.
     match unsafe { fork() } {
         Ok(ForkResult::Child) => exec_cmd(spec),
-        Ok(ForkResult::Parent { child }) => supervise(child, set, true),
+        Ok(ForkResult::Parent { child }) => supervise(child, set, true, None),
         Err(e) => die(&format!("fork: {e}"), EXIT_SETUP_FAILED),
     }
 }
@@ -713,8 +750,9 @@ fn read_only_bind(path: &str) -> nix::Result<()> {
 }
 
 /// Forwards signals to `child` and exits with its status. As PID 1 (`reap_all`), it also
-/// reaps orphans; its exit makes the kernel kill whatever CMD left running.
-fn supervise(child: Pid, set: &SigSet, reap_all: bool) -> ! {
+/// reaps orphans; its exit makes the kernel kill whatever CMD left running. The status is
+/// written to `report` first, if given, as 4 bytes (`i32`, native order).
+fn supervise(child: Pid, set: &SigSet, reap_all: bool, mut report: Option<File>) -> ! {
     loop {
         let (sig, from_kernel) = match wait_in(set) {
             Ok(s) => s,
@@ -727,6 +765,10 @@ fn supervise(child: Pid, set: &SigSet, reap_all: bool) -> ! {
                     Ok(WaitStatus::StillAlive) | Err(_) => break,
                     Ok(st) if st.pid() == Some(child) => {
                         if let Some(code) = status_code(st) {
+                            // No reader (a released keeper) is no error: SIGPIPE is ignored.
+                            if let Some(r) = report.as_mut() {
+                                let _ = r.write_all(&code.to_ne_bytes());
+                            }
                             // SAFETY: see die().
                             unsafe { libc::_exit(code) }
                         }

@@ -255,6 +255,8 @@ pub fn execute(
         },
         &signals,
     )?;
+    // Started now, `nft` loads while the run is set up (see `apply::Prestarted`).
+    let nft = apply::Prestarted::start().code(FAILED)?;
     let rt = relay_runtime()?;
 
     // The helper waits for "go": CMD, forked after it, is born in the group.
@@ -300,7 +302,8 @@ pub fn execute(
         statics: &statics,
         nflog_group: nflog.group,
     });
-    apply::apply(&rules, &format!("create nft table {}", id.table())).code(FAILED)?;
+    nft.apply(&rules, &format!("create nft table {}", id.table()))
+        .code(FAILED)?;
     write_resolv_conf(&resolv_path)?;
 
     // Only redirected queries reach the relay (the table's `relay_guard`); their source is

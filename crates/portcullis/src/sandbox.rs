@@ -170,15 +170,18 @@ pub struct Sandbox {
     pub network: Option<NetworkRecord>,
     lease: Option<Lease>,
     netlink: Arc<NetlinkSetWriter>,
-    /// Set once every process of the sandbox is gone: the kernel then destroys its network
-    /// namespace, and the veth pair with it, on its own.
+    /// Set once CMD's PID 1, and with it every process of the sandbox, is gone: the kernel
+    /// destroys its network namespace, and the veth pair with it, on its own once the helper
+    /// has exited too.
     netns_gone: bool,
     torn_down: bool,
 }
 
 impl Sandbox {
-    /// Allocates addresses, records the sandbox, and wires the veth into the namespace at
-    /// `netns`. Holds the global lock throughout so concurrent runs never pick the same block.
+    /// Allocates addresses, records the sandbox, and creates its veth pair with the sandbox
+    /// end in the namespace at `netns` and the host end configured. Holds the global lock
+    /// throughout so concurrent runs never pick the same block. The sandbox end is
+    /// [`Sandbox::wire_inside`]'s.
     #[allow(clippy::too_many_arguments)]
     pub fn create(
         state: &StateDir,
@@ -250,7 +253,7 @@ impl Sandbox {
         let wired = (|| -> anyhow::Result<()> {
             enable_forwarding(state)?;
             let bridge = sb.network.as_ref().map(|n| n.bridge.as_str());
-            link::setup_veth(&sb.id, &sb.addressing, netns, bridge)
+            link::create_veth(&sb.id, &sb.addressing, netns, bridge)
                 .context("wire the sandbox network")?;
             record.addressing = Some(sb.addressing.clone());
             state.update(&record)?;
@@ -263,22 +266,42 @@ impl Sandbox {
         Ok(sb)
     }
 
+    /// Configures the sandbox end of its link, in the namespace at `netns`: loopback and
+    /// `eth0` up, addresses, routes.
+    pub fn wire_inside(&self, netns: &std::path::Path) -> anyhow::Result<()> {
+        link::configure_sandbox_end(&self.addressing, netns, self.network.is_some())
+            .context("wire the sandbox network")?;
+        Ok(())
+    }
+
     /// Loads the sandbox's tables in one `nft -f` transaction (one `nft` process, the
-    /// largest single cost of a run's start-up): `rules`, its `inet` table, and its
-    /// anti-spoofing table, bound to the host-side link. Both or neither: fail closed. Call
-    /// once, before CMD starts; on failure, dropping the sandbox tears everything down.
-    pub fn load_tables(&self, rules: &str) -> anyhow::Result<()> {
+    /// largest single cost of a run's start-up, started early by the caller so that its own
+    /// start overlaps the wiring): `rules`, its `inet` table, and its anti-spoofing table,
+    /// bound to the host-side link. Both or neither: fail closed. Call once, before CMD
+    /// starts; on failure, dropping the sandbox tears everything down.
+    pub fn load_tables(&self, nft: apply::Prestarted, rules: &str) -> anyhow::Result<()> {
+        self.submit_tables(nft, rules)?.wait()?;
+        Ok(())
+    }
+
+    /// [`Sandbox::load_tables`] without waiting: `nft` parses and commits while the caller
+    /// goes on. The `Loading` must be waited for before CMD starts, and dropped before the
+    /// sandbox (dropping it stops `nft`, so that no table appears after the teardown).
+    pub fn submit_tables(
+        &self,
+        nft: apply::Prestarted,
+        rules: &str,
+    ) -> anyhow::Result<apply::Loading> {
         let mut script = antispoof::antispoof_ruleset(&self.id, &self.addressing);
         script.push('\n');
         script.push_str(rules);
-        apply::apply(
+        Ok(nft.submit(
             &script,
             &format!(
                 "create nft tables {} (its rules, and anti-spoofing on its link)",
                 self.id.table()
             ),
-        )?;
-        Ok(())
+        )?)
     }
 
     /// Takes over a daemon's sandbox that outlived the daemon (its keeper holds the lease).
@@ -316,8 +339,8 @@ impl Sandbox {
         Ok(self.state.update(&record)?)
     }
 
-    /// Records that no process of the sandbox is left (CMD's helper was reaped, and with it
-    /// the whole PID namespace).
+    /// Records that no process of the sandbox is left but its helper, which is exiting (CMD's
+    /// PID 1 is gone, and with it the whole PID namespace).
     pub fn netns_gone(&mut self) {
         self.netns_gone = true;
     }

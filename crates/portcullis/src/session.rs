@@ -14,11 +14,11 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use portcullis_kernel::names::{COUNTER_BLOCKED, COUNTER_SPOOFED, NetworkName, SandboxId};
 use portcullis_kernel::nflog::{BlockedPacket, NflogGroup};
-use portcullis_kernel::nft::Family;
 use portcullis_kernel::nft::ruleset::{
     Publish, RelayPorts, SandboxRules, StaticAllow, sandbox_ruleset,
 };
 use portcullis_kernel::nft::sets::{NetlinkSetWriter, SetWriter};
+use portcullis_kernel::nft::{Family, apply};
 use portcullis_kernel::process::{Credentials, Helper, InitSpec, wait_signal};
 use portcullis_kernel::state::StateDir;
 use portcullis_policy::{Action, Policy, Target};
@@ -210,6 +210,8 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         },
         &signals,
     )?;
+    // Started now, `nft` loads while the sandbox is wired (see `apply::Prestarted`).
+    let nft = apply::Prestarted::start().code(FAILED)?;
     let rt = relay_runtime()?;
     let netlink = Arc::new(NetlinkSetWriter::open().code(FAILED)?);
     let writer: Arc<dyn SetWriter> = netlink.clone();
@@ -291,7 +293,12 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
             .with_context(|| format!("write {path}"))
             .code(FAILED)?;
     }
-    sandbox.load_tables(&rules).code(FAILED)?;
+    // `nft` parses and commits the tables while the sandbox end of the link is configured.
+    // Declared after `sandbox`, `loading` drops first: a failure stops `nft` before the
+    // teardown, so no table can appear after it.
+    let loading = sandbox.submit_tables(nft, &rules).code(FAILED)?;
+    sandbox.wire_inside(&helper.netns_path()).code(FAILED)?;
+    loading.wait().code(FAILED)?;
     std::fs::write(
         &resolv_path,
         format!(
@@ -326,7 +333,9 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     // Set-up's garbage (the ruleset's text, netlink messages): the run now idles until CMD ends.
     portcullis_kernel::memory::trim_heap();
     crate::logging::command_started(&id.table(), &cmd_line, helper.id());
-    let code = helper.wait().code(FAILED)?;
+    // CMD's code comes as soon as its PID 1 is gone; the helper's own exit overlaps the
+    // teardown below, and it is reaped at its end.
+    let code = helper.wait_reported().code(FAILED)?;
     crate::logging::command_exited(&id.table(), code);
     sandbox.netns_gone();
 
@@ -342,7 +351,10 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         p.close(&rt);
     }
     rt.shutdown_background();
-    let errors = sandbox.teardown();
+    let mut errors = sandbox.teardown();
+    if let Err(e) = helper.reap() {
+        errors.push(e.to_string());
+    }
     // The tables are gone: closing our netfilter sockets now would wait ~15 ms for the
     // kernel's deferred destruction of them; a child holds them until we have exited.
     portcullis_kernel::exit::release_netfilter_sockets_after_exit();

@@ -95,7 +95,8 @@ fn sigkill_of_portcullis_takes_cmd_and_the_network_with_it() {
 /// forked from Portcullis (it shares Portcullis's memory; a re-executed helper would show
 /// `__sandbox-init` and load the binary again), and neither it nor PID 1 keeps any of
 /// Portcullis's descriptors: only stdio (and what Portcullis inherited, see
-/// `an_inherited_descriptor_reaches_cmd`).
+/// `an_inherited_descriptor_reaches_cmd`). The helper has one more: its end of the pipe on
+/// which it reports CMD's exit to Portcullis.
 #[test]
 fn the_helper_is_forked_and_keeps_no_descriptor_of_the_run() {
     const SECS: &str = "6176";
@@ -114,9 +115,50 @@ fn the_helper_is_forked_and_keeps_no_descriptor_of_the_run() {
         close_on_exec(portcullis.pid(), fd) == Some(false)
     });
     assert!(inherited.iter().any(|fd| fd == "2"), "{inherited:?}");
-    for (what, pid) in [("helper", helper), ("PID 1", pid1)] {
-        assert_eq!(fds(pid, |_| true), inherited, "descriptors of the {what}");
-    }
+    assert_eq!(fds(pid1, |_| true), inherited, "descriptors of PID 1");
+    let extra = fds(helper, |fd| !inherited.iter().any(|i| i == fd));
+    assert_eq!(
+        fds(helper, |fd| inherited.iter().any(|i| i == fd)),
+        inherited,
+        "descriptors of the helper"
+    );
+    let [report] = extra.as_slice() else {
+        panic!("the helper holds more than its report pipe: {extra:?}")
+    };
+    let pipe = fd_target(helper, report);
+    assert!(pipe.starts_with("pipe:"), "{pipe}");
+    let ends = fds(portcullis.pid(), |fd| {
+        fd_target(portcullis.pid(), fd) == pipe
+    });
+    assert_eq!(ends.len(), 1, "Portcullis's end of {pipe}: {ends:?}");
+}
+
+/// What descriptor `fd` of `pid` refers to (`pipe:[N]`, a path); empty when it closed.
+fn fd_target(pid: u32, fd: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .map(|t| t.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The helper killed while CMD runs: it reports nothing, so Portcullis takes the status from
+/// the kernel (SIGKILL, 137), and tears down as after any end of CMD.
+#[test]
+fn a_killed_helper_is_reported_by_its_signal_and_nothing_is_left() {
+    const SECS: &str = "6178";
+    let world = World::new(&zone());
+    let before = residue(&world);
+    let (mut portcullis, cmd) = start_sleeper(&world, SECS);
+    let pid1 = parent_of(cmd).expect("CMD's parent");
+    let helper = parent_of(pid1).expect("PID 1's parent");
+    kill(Pid::from_raw(helper as i32), Signal::SIGKILL).unwrap();
+    let out = portcullis.output_within(Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
+    assert!(cmdline(cmd).is_none(), "CMD outlived its helper");
+    assert!(
+        wait_until(Duration::from_secs(20), || residue(&world) == before),
+        "left behind: {:?}",
+        residue(&world)
+    );
 }
 
 /// The descriptors of `pid` that `keep` selects, sorted.

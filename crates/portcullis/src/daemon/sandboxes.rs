@@ -433,6 +433,8 @@ impl Manager {
                     .stderr(Stdio::null());
             },
         )?;
+        // Its start overlaps the wiring (see `apply::Prestarted`).
+        let nft = apply::Prestarted::start()?;
         helper.wait_ready()?;
         let sandbox = Sandbox::create(
             &self.state,
@@ -444,6 +446,7 @@ impl Manager {
             network,
             Some(lease),
         )?;
+        sandbox.wire_inside(&helper.netns_path())?;
         let (ports, sockets) = self.bind_relay(&sandbox.addressing, None)?;
         let nflog = NflogGroup::bind_any(crate::session::nflog_candidates(&id))?;
         sandbox.record_nflog_group(nflog.group)?;
@@ -457,7 +460,7 @@ impl Manager {
             let path = format!("/proc/sys/net/ipv4/conf/{out_link}/route_localnet");
             std::fs::write(&path, "1\n").with_context(|| format!("write {path}"))?;
         }
-        sandbox.load_tables(&rules)?;
+        sandbox.load_tables(nft, &rules)?;
         let a = &sandbox.addressing;
         std::fs::write(
             &resolv,
