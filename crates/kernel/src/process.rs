@@ -14,7 +14,9 @@
 //! 3. makes its mounts private and bind-mounts the relay's resolv.conf, read-only, over
 //!    /etc/resolv.conf (over its target when it is a symlink);
 //! 4. forks the PID namespace's init, which mounts /proc and /sys, forks CMD, forwards
-//!    signals to it, reaps, and exits with CMD's status (128+N when killed by signal N).
+//!    signals to it, reaps, and exits with CMD's status (128+N when killed by signal N);
+//! 5. once the init is gone, writes that status on its ready pipe (`Helper::wait_reported`)
+//!    and exits with it.
 //!
 //! Every link of the chain has PR_SET_PDEATHSIG=SIGKILL: if Portcullis dies, even by SIGKILL,
 //! the helper dies, the init dies, the kernel kills the whole PID namespace, and the network

@@ -263,7 +263,10 @@ pub fn execute(
     if let Some(cg) = &cgroup2 {
         let dir = cg.create(&id).code(FAILED)?;
         run.cgroup = Some(dir.clone());
-        cgroup::add_process(&dir, helper.id()).code(FAILED)?;
+        crate::session::or_aborted(
+            cgroup::add_process(&dir, helper.id()).code(FAILED),
+            &signals,
+        )?;
     }
     aborted(&signals)?;
 
@@ -302,8 +305,11 @@ pub fn execute(
         statics: &statics,
         nflog_group: nflog.group,
     });
-    nft.apply(&rules, &format!("create nft table {}", id.table()))
-        .code(FAILED)?;
+    crate::session::or_aborted(
+        nft.apply(&rules, &format!("create nft table {}", id.table()))
+            .code(FAILED),
+        &signals,
+    )?;
     write_resolv_conf(&resolv_path)?;
 
     // Only redirected queries reach the relay (the table's `relay_guard`); their source is
@@ -327,7 +333,7 @@ pub fn execute(
 
     aborted(&signals)?;
     signals.started.store(true, Ordering::SeqCst);
-    helper.go().code(FAILED)?;
+    crate::session::or_aborted(helper.go().code(FAILED), &signals)?;
     // Set-up's garbage (the ruleset's text, netlink messages): the run now idles until CMD ends.
     portcullis_kernel::memory::trim_heap();
     crate::logging::command_started(&id.table(), &cmd_line, helper.id());

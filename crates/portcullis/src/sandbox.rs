@@ -339,8 +339,8 @@ impl Sandbox {
         Ok(self.state.update(&record)?)
     }
 
-    /// Records that no process of the sandbox is left but its helper, which is exiting (CMD's
-    /// PID 1 is gone, and with it the whole PID namespace).
+    /// Records that no process of the sandbox is left but, maybe, its helper or keeper, which
+    /// is exiting (CMD's PID 1 is gone, and with it the whole PID namespace).
     pub fn netns_gone(&mut self) {
         self.netns_gone = true;
     }

@@ -178,12 +178,13 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     find_command(&cmd[0])?;
     let cmd_line = cmd.clone();
     let state = StateDir::open(state_dir).code(FAILED)?;
+    // Until the sandbox exists (its teardown takes over), a failure or a signal leaves no
+    // state directory behind that only this run made.
+    let mut unused = RemoveIfUnused(Some(&state));
     let network = match network {
         Some(name) => match state.network(&name).code(FAILED)? {
             Some(net) => Some(net),
             None => {
-                // Leave no state directory behind for a run that never started.
-                state.remove_if_unused();
                 return Err(fail(
                     FAILED,
                     format!(
@@ -216,17 +217,23 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     let netlink = Arc::new(NetlinkSetWriter::open().code(FAILED)?);
     let writer: Arc<dyn SetWriter> = netlink.clone();
 
-    let mut sandbox = Sandbox::create(
-        &state,
-        id.clone(),
-        pool4,
-        pool6,
-        &helper.netns_path(),
-        netlink.clone(),
-        network,
-        None,
-    )
-    .code(FAILED)?;
+    // Each step that reaches the helper fails once a signal's abort killed it: that failure
+    // is the signal's (`or_aborted`).
+    let mut sandbox = or_aborted(
+        Sandbox::create(
+            &state,
+            id.clone(),
+            pool4,
+            pool6,
+            &helper.netns_path(),
+            netlink.clone(),
+            network,
+            None,
+        )
+        .code(FAILED),
+        &signals,
+    )?;
+    unused.0 = None;
     aborted(&signals)?;
     let a = sandbox.addressing.clone();
     crate::logging::sandbox_created(
@@ -296,9 +303,12 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     // `nft` parses and commits the tables while the sandbox end of the link is configured.
     // Declared after `sandbox`, `loading` drops first: a failure stops `nft` before the
     // teardown, so no table can appear after it.
-    let loading = sandbox.submit_tables(nft, &rules).code(FAILED)?;
-    sandbox.wire_inside(&helper.netns_path()).code(FAILED)?;
-    loading.wait().code(FAILED)?;
+    let loading = or_aborted(sandbox.submit_tables(nft, &rules).code(FAILED), &signals)?;
+    or_aborted(
+        sandbox.wire_inside(&helper.netns_path()).code(FAILED),
+        &signals,
+    )?;
+    or_aborted(loading.wait().code(FAILED), &signals)?;
     std::fs::write(
         &resolv_path,
         format!(
@@ -329,7 +339,7 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
 
     aborted(&signals)?;
     signals.started.store(true, Ordering::SeqCst);
-    helper.go().code(FAILED)?;
+    or_aborted(helper.go().code(FAILED), &signals)?;
     // Set-up's garbage (the ruleset's text, netlink messages): the run now idles until CMD ends.
     portcullis_kernel::memory::trim_heap();
     crate::logging::command_started(&id.table(), &cmd_line, helper.id());
@@ -380,6 +390,18 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     })
 }
 
+/// Removes the state directory when it holds nothing but its lock and stamp, once dropped
+/// (`None`: the sandbox's teardown does it).
+struct RemoveIfUnused<'a>(Option<&'a StateDir>);
+
+impl Drop for RemoveIfUnused<'_> {
+    fn drop(&mut self) {
+        if let Some(state) = self.0 {
+            state.remove_if_unused();
+        }
+    }
+}
+
 /// The small runtime the relay runs on, beside the kernel work of the calling thread.
 pub(crate) fn relay_runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_multi_thread()
@@ -421,12 +443,20 @@ pub(crate) fn start_helper(init: InitSpec, signals: &Arc<Signals>) -> Result<Hel
     };
     signals.helper.store(helper.id() as i32, Ordering::SeqCst);
     spawn_signal_thread(signals.clone());
-    helper
-        .wait_ready()
-        .code(FAILED)
-        .and_then(|()| aborted(signals))
-        .map_err(|e| aborted(signals).err().unwrap_or(e))?;
+    or_aborted(
+        helper
+            .wait_ready()
+            .code(FAILED)
+            .and_then(|()| aborted(signals)),
+        signals,
+    )?;
     Ok(helper)
+}
+
+/// `r`, unless a signal aborted the set-up meanwhile: then the signal's failure (128+N), which
+/// is what made `r` fail (the helper killed, `nft` stopped).
+pub(crate) fn or_aborted<T>(r: Result<T, Failure>, signals: &Signals) -> Result<T, Failure> {
+    r.map_err(|e| aborted(signals).err().unwrap_or(e))
 }
 
 /// The destinations the policy's CIDR rules allow, for the ruleset.

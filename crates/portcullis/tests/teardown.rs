@@ -243,6 +243,35 @@ fn sigint_is_forwarded_to_cmd_and_the_run_exits_130() {
     assert_eq!(out.status.code(), Some(130), "128 + SIGINT, from CMD");
 }
 
+/// SIGTERM at every millisecond of set-up: the run ends with 143 whether the signal aborted
+/// the set-up (128 + SIGTERM) or reached CMD (`sleep`, killed by it), never with set-up's
+/// failure status (a helper killed by the abort, or `nft` stopped, is no failure of its own),
+/// and leaves nothing behind. Before Portcullis blocks the signal (its first millisecond,
+/// longer on a loaded machine), the signal ends it by default, and nothing exists yet.
+#[test]
+fn sigterm_at_any_point_of_set_up_exits_143_and_leaves_nothing() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let world = World::new(&zone());
+    let before = residue(&world);
+    for delay in 1..=40u64 {
+        let mut portcullis = KillOnDrop::spawn(&mut run_cmd(
+            &world,
+            &["--allow", "ok.test"],
+            &["sleep", "6179"],
+        ));
+        std::thread::sleep(Duration::from_millis(delay));
+        kill(Pid::from_raw(portcullis.pid() as i32), Signal::SIGTERM).expect("signal");
+        let out = portcullis.output_within(Duration::from_secs(20));
+        assert!(
+            out.status.code() == Some(143) || out.status.signal() == Some(15),
+            "after {delay} ms: {:?}\n{}",
+            out.status,
+            stderr(&out)
+        );
+        assert_eq!(residue(&world), before, "after {delay} ms: left behind");
+    }
+}
+
 #[test]
 fn crashing_cmd_exits_139_and_leaves_nothing() {
     let world = World::new(&zone());

@@ -2,6 +2,7 @@
 //! cleanup), and reading the counters back for the end-of-run summary.
 
 use std::io::Write as _;
+use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
 
 use crate::names::{COUNTER_BLOCKED, SandboxId};
@@ -9,7 +10,10 @@ use crate::nft::Family;
 use crate::{Error, Result};
 
 fn spawn_nft(args: &[&str], stdin: bool, what: &dyn Fn() -> String) -> Result<Child> {
+    // A process group of its own: a terminal's ^C or ^Z is for Portcullis, which stops
+    // `nft` itself when it aborts.
     Command::new("nft")
+        .process_group(0)
         .args(args)
         .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
@@ -27,9 +31,15 @@ fn feed_nft(child: &mut Child, stdin: Option<&str>, what: &dyn Fn() -> String) -
     Ok(())
 }
 
-/// Waits for a started `nft` and returns its output.
+/// Waits for a started `nft` and returns its output. If waiting fails, `nft` is killed and
+/// reaped: nothing of it commits later.
 fn wait_nft(child: Child, what: &dyn Fn() -> String) -> Result<String> {
-    let out = child.wait_with_output().map_err(|e| Error::io(what(), e))?;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let out = child.wait_with_output().map_err(|e| {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(pid, None);
+        Error::io(what(), e)
+    })?;
     if !out.status.success() {
         return Err(Error::Nft {
             what: what(),
@@ -72,8 +82,9 @@ impl Prestarted {
         self.submit(script, what)?.wait()
     }
 
-    /// Hands `script` over and returns at once: `nft` parses and commits it while the caller
-    /// goes on, until [`Loading::wait`].
+    /// Hands `script` over and returns once `nft` has it (at once when it fits the pipe's
+    /// buffer, 64 KiB): `nft` parses and commits it while the caller goes on, until
+    /// [`Loading::wait`].
     pub fn submit(mut self, script: &str, what: &str) -> Result<Loading> {
         let what = what.to_owned();
         let mut child = self
