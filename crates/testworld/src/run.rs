@@ -30,6 +30,8 @@ use crate::exec::try_run;
 
 /// Where runs keep their owner markers and directories.
 pub(crate) const RUN_BASE: &str = "/run/portcullis-testworld";
+/// Where Portcullis keeps its run state, one directory per network namespace.
+const PORTCULLIS_STATE: &str = "/run/portcullis";
 /// Where `ip netns` keeps named namespaces.
 const NETNS_DIR: &str = "/run/netns";
 /// Per-namespace files that `ip netns exec` mounts over `/etc`.
@@ -163,14 +165,23 @@ fn owner_alive(prefix: &str) -> bool {
 }
 
 /// Removes everything of the run with `prefix`: processes left in its namespaces, the
-/// namespaces (their veth pair goes with them), `/etc/netns` entries, the run directory, and
-/// last the owner marker. Collects every problem instead of stopping at the first, and
+/// Portcullis state kept for them (`/run/portcullis/net-<ino>`: a Portcullis a test killed
+/// leaves its records there), the namespaces (their veth pair goes with them), `/etc/netns`
+/// entries, the run directory, and last the owner marker. Collects every problem instead of stopping at the first, and
 /// treats "already gone" as done, so it suits `Drop` and a concurrent [`cleanup_stale`].
 pub(crate) fn teardown(prefix: &str, errors: &mut Vec<String>) {
     for ns in [uplink_ns(prefix), world_ns(prefix)] {
         let mount = Path::new(NETNS_DIR).join(&ns);
         if mount.exists() {
             stop_processes(&ns, errors);
+            // While the namespace exists, its inode is not another namespace's.
+            if let Ok(meta) = fs::metadata(&mount) {
+                use std::os::unix::fs::MetadataExt as _;
+                remove_path(
+                    Path::new(&format!("{PORTCULLIS_STATE}/net-{}", meta.ino())),
+                    errors,
+                );
+            }
             let deleted = try_run(Command::new("ip").args(["netns", "del", &ns]));
             // Gone anyway means a concurrent cleanup was faster.
             if let Err(e) = deleted

@@ -3,7 +3,7 @@
 //! where nothing listens; and dropping it leaves nothing behind. These tests need root.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -457,8 +457,20 @@ fn drop_leaves_nothing_behind() {
     let mut stray = world.uplink_cmd("sleep");
     let mut stray = stray.arg("300").spawn().expect("start sleep");
     assert!(netns_list().contains(&prefix));
+    // What a Portcullis the test killed leaves in the uplink's state directory.
+    let state = {
+        use std::os::unix::fs::MetadataExt as _;
+        let ino = std::fs::metadata(format!("/run/netns/{}", world.uplink_ns()))
+            .expect("the uplink")
+            .ino();
+        PathBuf::from(format!("/run/portcullis/net-{ino}"))
+    };
+    std::fs::create_dir_all(&state).expect("mkdir");
+    std::fs::write(state.join("0badcafe.json"), "{}").expect("write a record");
 
     drop(world);
+
+    assert!(!state.exists(), "{} left", state.display());
 
     let listed = netns_list();
     assert!(!listed.contains(&prefix), "namespaces left: {listed}");
