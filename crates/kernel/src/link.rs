@@ -114,12 +114,11 @@ pub fn create_veth(
     ns_path: &Path,
     bridge: Option<&str>,
 ) -> Result<()> {
-    let host = id.host_ifname();
     let bridge = bridge.map(str::to_owned);
     let ns = std::fs::File::open(ns_path)
         .map_err(|e| Error::io(format!("open {}", ns_path.display()), e))?;
     let a2 = a.clone();
-    let host2 = host.clone();
+    let host2 = id.host_ifname();
     let mac = id.sandbox_mac();
     with_handle(|handle| async move {
         // The peer is created inside the sandbox, already named eth0, in the same request:

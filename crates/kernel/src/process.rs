@@ -369,24 +369,13 @@ impl Helper {
         }
     }
 
-    /// Waits for the helper's exit after [`Helper::wait_reported`].
+    /// Waits for the helper's exit after [`Helper::wait_reported`] (which may have waited
+    /// already: a spawned `Child` keeps its status, a forked helper is marked reaped).
     pub fn reap(&mut self) -> Result<()> {
-        match &mut self.process {
-            HelperProcess::Spawned(c) => c
-                .wait()
-                .map(drop)
-                .map_err(|e| Error::io("wait for the sandbox helper", e)),
-            HelperProcess::Forked { pid, reaped } => {
-                while !*reaped {
-                    match waitpid(*pid, None) {
-                        Err(nix::errno::Errno::EINTR) => continue,
-                        Err(e) => return Err(Error::io("wait for the sandbox helper", e.into())),
-                        Ok(st) => *reaped = status_code(st).is_some(),
-                    }
-                }
-                Ok(())
-            }
+        if matches!(self.process, HelperProcess::Forked { reaped: true, .. }) {
+            return Ok(());
         }
+        self.wait().map(drop)
     }
 
     /// Sends a signal to the helper (which forwards it to CMD).
@@ -853,4 +842,45 @@ fn drop_privileges(user: Option<&Credentials>) -> std::result::Result<(), String
         caps::clear(None, set).map_err(|e| format!("clear {set:?} capabilities: {e}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The helper's last act: `supervise` writes its child's status on the report pipe, then
+    /// exits with it. A broken report would pass every run-level test (the run falls back to
+    /// waiting for the helper), so it is checked here, on a forked stand-in of the helper.
+    #[test]
+    fn supervise_reports_the_status_before_it_exits_with_it() {
+        let (r, w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        let set = forwarded_set(true);
+        // SAFETY: the child makes system calls only (sigprocmask, fork, sigwaitinfo, waitpid,
+        // write, _exit) and never returns into the test harness.
+        match unsafe { fork() }.expect("fork") {
+            ForkResult::Child => {
+                drop(r);
+                let _ = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
+                // SAFETY: as above.
+                match unsafe { fork() } {
+                    Ok(ForkResult::Child) => unsafe { libc::_exit(7) },
+                    Ok(ForkResult::Parent { child }) => {
+                        supervise(child, &set, false, Some(File::from(w)))
+                    }
+                    Err(_) => unsafe { libc::_exit(99) },
+                }
+            }
+            ForkResult::Parent { child } => {
+                drop(w);
+                let mut report = File::from(r);
+                let mut b = [0u8; 4];
+                report.read_exact(&mut b).expect("the reported status");
+                assert_eq!(i32::from_ne_bytes(b), 7);
+                assert_eq!(
+                    waitpid(child, None).expect("wait"),
+                    WaitStatus::Exited(child, 7)
+                );
+            }
+        }
+    }
 }

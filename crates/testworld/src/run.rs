@@ -175,13 +175,7 @@ pub(crate) fn teardown(prefix: &str, errors: &mut Vec<String>) {
         if mount.exists() {
             stop_processes(&ns, errors);
             // While the namespace exists, its inode is not another namespace's.
-            if let Ok(meta) = fs::metadata(&mount) {
-                use std::os::unix::fs::MetadataExt as _;
-                remove_path(
-                    Path::new(&format!("{PORTCULLIS_STATE}/net-{}", meta.ino())),
-                    errors,
-                );
-            }
+            remove_portcullis_state(&ns, errors);
             let deleted = try_run(Command::new("ip").args(["netns", "del", &ns]));
             // Gone anyway means a concurrent cleanup was faster.
             if let Err(e) = deleted
@@ -194,6 +188,18 @@ pub(crate) fn teardown(prefix: &str, errors: &mut Vec<String>) {
     }
     remove_path(&run_dir(prefix), errors);
     remove_path(&owner_marker(prefix), errors);
+}
+
+/// Removes Portcullis's state directory for namespace `ns` (`/run/portcullis/net-<inode>`),
+/// if the namespace exists and the directory does.
+pub(crate) fn remove_portcullis_state(ns: &str, errors: &mut Vec<String>) {
+    use std::os::unix::fs::MetadataExt as _;
+    if let Ok(meta) = fs::metadata(Path::new(NETNS_DIR).join(ns)) {
+        remove_path(
+            Path::new(&format!("{PORTCULLIS_STATE}/net-{}", meta.ino())),
+            errors,
+        );
+    }
 }
 
 /// Ends the processes still inside namespace `ns` (servers a test started and left), first

@@ -160,11 +160,8 @@ impl World {
     /// was left by a dead namespace (a daemon a test stopped or killed keeps its sandboxes'
     /// records), and would make this world's "nothing left behind" checks see another's.
     fn forget_dead_namespace_state(&self) {
-        use std::os::unix::fs::MetadataExt as _;
-        let Ok(meta) = fs::metadata(format!("/run/netns/{}", self.uplink)) else {
-            return;
-        };
-        let _ = fs::remove_dir_all(format!("/run/portcullis/net-{}", meta.ino()));
+        // Nothing to report: a brand-new uplink usually has none.
+        runs::remove_portcullis_state(&self.uplink, &mut Vec::new());
     }
 
     fn setup_link(&self) {

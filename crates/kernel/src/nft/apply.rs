@@ -102,10 +102,15 @@ impl Prestarted {
 
 impl Drop for Prestarted {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        stop(self.child.take());
+    }
+}
+
+/// Kills and reaps an `nft` that is no longer wanted, if any.
+fn stop(child: Option<Child>) {
+    if let Some(mut child) = child {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -135,10 +140,7 @@ impl Loading {
 
 impl Drop for Loading {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        stop(self.child.take());
     }
 }
 
