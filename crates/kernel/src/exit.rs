@@ -118,7 +118,7 @@ fn netfilter_sockets() -> Vec<RawFd> {
     fds
 }
 
-fn is_netfilter_socket(fd: RawFd) -> bool {
+pub(crate) fn is_netfilter_socket(fd: RawFd) -> bool {
     let option = |name| {
         let mut value: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;

@@ -280,6 +280,7 @@ impl Sandbox {
     /// bound to the host-side link. Both or neither: fail closed. Call once, before CMD
     /// starts; on failure, dropping the sandbox tears everything down.
     pub fn load_tables(&self, nft: apply::Prestarted, rules: &str) -> anyhow::Result<()> {
+        // `nft`'s socket, if taken, is released here, as `nft`'s exit would have.
         self.submit_tables(nft, rules)?.wait()?;
         Ok(())
     }

@@ -308,7 +308,9 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         sandbox.wire_inside(&helper.netns_path()).code(FAILED),
         &signals,
     )?;
-    or_aborted(loading.wait().code(FAILED), &signals)?;
+    // A copy of `nft`'s netlink socket: held, its release waits for no one (see
+    // `apply::Loading::wait`); the exit child holds it with ours.
+    let nft_socket = or_aborted(loading.wait().code(FAILED), &signals)?;
     std::fs::write(
         &resolv_path,
         format!(
@@ -368,6 +370,7 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     // The tables are gone: closing our netfilter sockets now would wait ~15 ms for the
     // kernel's deferred destruction of them; a child holds them until we have exited.
     portcullis_kernel::exit::release_netfilter_sockets_after_exit();
+    drop(nft_socket);
     for e in &errors {
         crate::logging::teardown_error(e);
     }
