@@ -20,7 +20,8 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload, Nla as _,
+    DefaultNla, NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+    Nla as _,
 };
 use netlink_packet_netfilter::conntrack::{
     ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Tuple,
@@ -39,13 +40,15 @@ const CTA_ZONE: u16 = 18;
 /// Deletions sent before reading their acknowledgements (bounded by the socket buffer).
 const DELETES_IN_FLIGHT: usize = 64;
 
-/// The original direction of one tracked flow, as dumped.
+/// The original direction of one tracked flow, as dumped, and the source of its reply
+/// direction (where a DNAT sent it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Flow {
     src: IpAddr,
     dst: IpAddr,
     proto: u8,
     dport: Option<u16>,
+    reply_src: Option<IpAddr>,
 }
 
 /// The destinations whose flows are cut: whole addresses, and (address, protocol, port).
@@ -58,6 +61,10 @@ struct Targets {
     spare: HashSet<(IpAddr, u8, u16)>,
     /// Every destination off the namespace (`delete_outgoing`): neither loopback nor `local`.
     every_off: Option<HashSet<IpAddr>>,
+    /// Every flow from these addresses (`delete_involving`), and with `inbound` every flow
+    /// to them too (their reply source).
+    involving: Option<HashSet<IpAddr>>,
+    inbound: bool,
 }
 
 impl Targets {
@@ -85,6 +92,10 @@ impl Targets {
     }
 
     fn matches(&self, f: &Flow) -> bool {
+        if let Some(gone) = &self.involving {
+            return gone.contains(&f.src)
+                || (self.inbound && f.reply_src.is_some_and(|a| gone.contains(&a)));
+        }
         if let Some(local) = &self.every_off {
             return !f.dst.is_loopback() && !local.contains(&f.dst);
         }
@@ -97,6 +108,9 @@ impl Targets {
     }
 
     fn has_family(&self, v4: bool) -> bool {
+        if let Some(gone) = &self.involving {
+            return gone.iter().any(|a| a.is_ipv4() == v4);
+        }
         if self.every_off.is_some() {
             return true;
         }
@@ -106,7 +120,18 @@ impl Targets {
     }
 }
 
-/// The original tuple of a dumped entry, if complete.
+/// The source address of a tuple.
+fn source_of(tuples: &[Tuple]) -> Option<IpAddr> {
+    tuples.iter().find_map(|t| match t {
+        Tuple::Ip(ips) => ips.iter().find_map(|ip| match ip {
+            IPTuple::SourceAddress(a) => Some(*a),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// The original tuple of a dumped entry, if complete (without its reply source).
 fn flow_of(tuples: &[Tuple]) -> Option<Flow> {
     let (mut src, mut dst, mut proto, mut dport) = (None, None, None, None);
     for t in tuples {
@@ -137,6 +162,7 @@ fn flow_of(tuples: &[Tuple]) -> Option<Flow> {
         dst: dst?,
         proto: proto?,
         dport,
+        reply_src: None,
     })
 }
 
@@ -154,6 +180,7 @@ fn message(
 }
 
 /// A ctnetlink socket of the calling thread's network namespace.
+#[derive(Debug)]
 struct Ctnetlink {
     socket: Socket,
     seq: u32,
@@ -185,6 +212,7 @@ impl Ctnetlink {
             let start = bytes.len();
             bytes.resize(start + m.buffer_len(), 0);
             m.serialize(&mut bytes[start..]);
+            mark_nested(&mut bytes[start..], CTA_FILTER);
         }
         self.socket
             .send(&bytes, 0)
@@ -226,17 +254,19 @@ impl Ctnetlink {
         Ok(done)
     }
 
-    /// The entries of `family` whose original tuple `targets` matches: what a deletion needs
-    /// (the original tuple, and the entry's id and zone when dumped).
+    /// The entries of `family` that `targets` matches: what a deletion needs (the original
+    /// tuple, and the entry's id and zone when dumped). `filter` (see [`source_filter`]), if
+    /// any, has the kernel send the entries it matches only.
     fn matching(
         &mut self,
         family: NetfilterProtoFamily,
         targets: &Targets,
+        filter: Vec<ConntrackAttribute>,
     ) -> Result<Vec<Vec<ConntrackAttribute>>> {
         let what = "dump conntrack entries";
         let mut get = [message(
             family,
-            ConntrackMessage::Get(Vec::new()),
+            ConntrackMessage::Get(filter),
             NLM_F_REQUEST | NLM_F_DUMP,
         )];
         self.send(&mut get, what)?;
@@ -261,8 +291,13 @@ impl Ctnetlink {
                             ConntrackAttribute::CtaTupleOrig(t) => Some(t),
                             _ => None,
                         });
+                        let reply_src = attrs.iter().find_map(|a| match a {
+                            ConntrackAttribute::CtaTupleReply(t) => source_of(t),
+                            _ => None,
+                        });
                         if orig
                             .and_then(|t| flow_of(t))
+                            .map(|f| Flow { reply_src, ..f })
                             .is_some_and(|f| targets.matches(&f))
                         {
                             found.push(
@@ -363,9 +398,57 @@ pub fn delete_outgoing(local: &[IpAddr]) -> Result<usize> {
     })
 }
 
+/// A ctnetlink socket kept open for [`Conntrack::delete_involving`]. Closing a netfilter
+/// socket waits for nf_tables' deferred destruction (see [`crate::exit`]): a run keeps this
+/// one until its exit child holds it.
+#[derive(Debug)]
+pub struct Conntrack {
+    ct: Ctnetlink,
+}
+
+impl Conntrack {
+    /// Opens the socket in the calling thread's network namespace.
+    pub fn open() -> Result<Self> {
+        Ok(Conntrack {
+            ct: Ctnetlink::open()?,
+        })
+    }
+
+    /// Deletes the conntrack entries of every flow from one of `addrs` (original source)
+    /// and, with `inbound`, to one of them (reply source: connections a publish DNATed to
+    /// them, or from other sandboxes of a network): what a sandbox that had those addresses
+    /// leaves behind. Left in place, they would let the next sandbox given the same address
+    /// use its flows as established ones, past its own policy. Returns how many were
+    /// deleted.
+    ///
+    /// The kernel picks the entries (a filtered dump per address and direction), but each
+    /// dump walks every bucket of the conntrack hash table: about 10 ms on the machines we
+    /// measure on even when it is empty, 20 with 50,000 entries.
+    pub fn delete_involving(&mut self, addrs: &[IpAddr], inbound: bool) -> Result<usize> {
+        let targets = Targets {
+            involving: Some(addrs.iter().copied().collect()),
+            inbound,
+            ..Targets::default()
+        };
+        delete_with(&mut self.ct, &targets)
+    }
+}
+
+/// [`Conntrack::delete_involving`] on a socket of its own, closed after.
+pub fn delete_involving(addrs: &[IpAddr], inbound: bool) -> Result<usize> {
+    Conntrack::open()?.delete_involving(addrs, inbound)
+}
+
 fn delete_matching(targets: &Targets) -> Result<usize> {
+    if !targets.has_family(true) && !targets.has_family(false) {
+        return Ok(0);
+    }
+    delete_with(&mut Ctnetlink::open()?, targets)
+}
+
+/// Deletes the entries `targets` matches, on an open socket.
+fn delete_with(ct: &mut Ctnetlink, targets: &Targets) -> Result<usize> {
     let mut deleted = 0;
-    let mut ct = None;
     for (v4, family) in [
         (true, NetfilterProtoFamily::IPv4),
         (false, NetfilterProtoFamily::IPv6),
@@ -373,14 +456,85 @@ fn delete_matching(targets: &Targets) -> Result<usize> {
         if !targets.has_family(v4) {
             continue;
         }
-        let ct = match &mut ct {
-            Some(ct) => ct,
-            None => ct.insert(Ctnetlink::open()?),
+        let found = match &targets.involving {
+            // Flows of a few addresses among possibly many: the kernel picks them (one dump
+            // per address and direction) instead of copying every entry out (50,000
+            // entries: 130 ms against 40).
+            Some(addrs) => {
+                let mut found = Vec::new();
+                for addr in addrs.iter().filter(|a| a.is_ipv4() == v4) {
+                    for reply in [false, true] {
+                        if reply && !targets.inbound {
+                            continue;
+                        }
+                        match ct.matching(family, targets, source_filter(*addr, reply)) {
+                            Ok(f) => found.extend(f),
+                            // A kernel without dump filters (before 5.9): every entry, then.
+                            Err(Error::Kernel { .. }) => {
+                                found.extend(ct.matching(family, targets, Vec::new())?)
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                found
+            }
+            None => ct.matching(family, targets, Vec::new())?,
         };
-        let found = ct.matching(family, targets)?;
         deleted += ct.delete(family, found)?;
     }
     Ok(deleted)
+}
+
+/// Sets `NLA_F_NESTED` on the top-level attribute `kind` of one serialized ctnetlink message:
+/// the crate emits an attribute it has no variant for (`Other`) without it, and the kernel
+/// parses `CTA_FILTER` strictly (`nla_parse_nested`), refusing it unflagged (EINVAL).
+fn mark_nested(msg: &mut [u8], kind: u16) {
+    // nlmsghdr (16 bytes) and nfgenmsg (4), then the attributes.
+    let mut off = 20;
+    while off + 4 <= msg.len() {
+        let len = usize::from(u16::from_ne_bytes([msg[off], msg[off + 1]]));
+        let ty = u16::from_ne_bytes([msg[off + 2], msg[off + 3]]);
+        if len < 4 {
+            return;
+        }
+        if ty & 0x3fff == kind {
+            msg[off + 2..off + 4].copy_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+        }
+        off += (len + 3) & !3;
+    }
+}
+
+/// `CTA_FILTER` and its nested flags; `CTA_FILTER_F_CTA_IP_SRC` in `nf_conntrack_netlink.c`.
+const CTA_FILTER: u16 = 25;
+const CTA_FILTER_ORIG_FLAGS: u16 = 1;
+const CTA_FILTER_REPLY_FLAGS: u16 = 2;
+const CTA_FILTER_F_CTA_IP_SRC: u32 = 1;
+
+/// The attributes of a dump of the entries whose source, in the original direction or
+/// (`reply`) in the reply direction, is `addr`.
+fn source_filter(addr: IpAddr, reply: bool) -> Vec<ConntrackAttribute> {
+    let tuple = vec![Tuple::Ip(vec![IPTuple::SourceAddress(addr)])];
+    let (tuple, flags) = if reply {
+        (
+            ConntrackAttribute::CtaTupleReply(tuple),
+            CTA_FILTER_REPLY_FLAGS,
+        )
+    } else {
+        (
+            ConntrackAttribute::CtaTupleOrig(tuple),
+            CTA_FILTER_ORIG_FLAGS,
+        )
+    };
+    // One nested u32 attribute, in host byte order (NLA_U32).
+    let mut nested = Vec::with_capacity(8);
+    nested.extend_from_slice(&8u16.to_ne_bytes());
+    nested.extend_from_slice(&flags.to_ne_bytes());
+    nested.extend_from_slice(&CTA_FILTER_F_CTA_IP_SRC.to_ne_bytes());
+    vec![
+        tuple,
+        ConntrackAttribute::Other(DefaultNla::new(CTA_FILTER | NLA_F_NESTED, nested)),
+    ]
 }
 
 #[cfg(test)]
@@ -394,7 +548,60 @@ mod tests {
             dst: dst.parse().unwrap(),
             proto,
             dport: Some(dport),
+            reply_src: None,
         }
+    }
+
+    /// The filter of a dump reaches the kernel flagged as nested, which it requires.
+    #[test]
+    fn a_source_filter_is_sent_nested() {
+        let addr: IpAddr = "203.0.113.130".parse().unwrap();
+        let mut m = message(
+            NetfilterProtoFamily::IPv4,
+            ConntrackMessage::Get(source_filter(addr, true)),
+            NLM_F_REQUEST | NLM_F_DUMP,
+        );
+        m.finalize();
+        let mut bytes = vec![0; m.buffer_len()];
+        m.serialize(&mut bytes);
+        mark_nested(&mut bytes, CTA_FILTER);
+        let filter = (CTA_FILTER | NLA_F_NESTED).to_ne_bytes();
+        // The reply tuple (nested by the crate), then the filter: its flags, then its
+        // reply-direction flags attribute holding CTA_FILTER_F_CTA_IP_SRC.
+        let tail = &bytes[bytes.len() - 12..];
+        assert_eq!(&tail[2..4], &filter);
+        assert_eq!(&tail[6..8], &CTA_FILTER_REPLY_FLAGS.to_ne_bytes());
+        assert_eq!(&tail[8..12], &CTA_FILTER_F_CTA_IP_SRC.to_ne_bytes());
+    }
+
+    /// A gone sandbox's flows: the ones it opened, and the ones a publish DNATed to it (the
+    /// reply comes from its address); nobody else's, whatever the destination.
+    #[test]
+    fn involving_matches_flows_from_an_address_or_dnated_to_it() {
+        let gone: IpAddr = "203.0.113.130".parse().unwrap();
+        let t = Targets {
+            involving: Some([gone].into_iter().collect()),
+            inbound: true,
+            ..Targets::default()
+        };
+        assert!(t.matches(&flow("203.0.113.130", "198.51.100.1", 17, 9999)));
+        let published = Flow {
+            reply_src: Some(gone),
+            ..flow("198.51.100.7", "203.0.113.129", 6, 8080)
+        };
+        assert!(t.matches(&published));
+        assert!(!t.matches(&flow("203.0.113.134", "198.51.100.1", 17, 9999)));
+        let to_the_host = Flow {
+            reply_src: Some("203.0.113.129".parse().unwrap()),
+            ..flow("198.51.100.1", "203.0.113.129", 6, 80)
+        };
+        assert!(!t.matches(&to_the_host));
+        assert!(t.has_family(true) && !t.has_family(false));
+        let outbound_only = Targets {
+            inbound: false,
+            ..t
+        };
+        assert!(!outbound_only.matches(&published));
     }
 
     #[test]

@@ -23,6 +23,11 @@ pub const SET_ALLOW6_PORT: &str = "allow6p";
 pub const COUNTER_BLOCKED: &str = "blocked";
 /// Named counter of every frame the anti-spoofing table (`netdev portcullis_<id>`) drops.
 pub const COUNTER_SPOOFED: &str = "spoofed";
+/// The named counters of a sandbox's `inet` table that count the new IPv4 and IPv6 flows it
+/// started (to the host or beyond): while one is 0, the sandbox left no conntrack entry of
+/// that family to delete.
+pub const COUNTER_OPENED4: &str = "opened4";
+pub const COUNTER_OPENED6: &str = "opened6";
 /// Interface name of the sandbox side, inside the sandbox.
 pub const SANDBOX_IFNAME: &str = "eth0";
 

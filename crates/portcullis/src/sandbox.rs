@@ -8,8 +8,9 @@ use std::net::IpAddr;
 
 use anyhow::{Context as _, anyhow};
 use portcullis_kernel::addrpool;
+use portcullis_kernel::conntrack::{self, Conntrack};
 use portcullis_kernel::link;
-use portcullis_kernel::names::{self, GLOBAL_TABLE, SandboxId};
+use portcullis_kernel::names::{self, COUNTER_OPENED4, COUNTER_OPENED6, GLOBAL_TABLE, SandboxId};
 use portcullis_kernel::nft::sets::NetlinkSetWriter;
 use portcullis_kernel::nft::{Family, antispoof, apply, ruleset};
 use portcullis_kernel::state::{GlobalLock, Lease, NetworkRecord, SandboxRecord, StateDir};
@@ -32,6 +33,21 @@ pub fn cleanup_stale(state: &StateDir, scan: bool) -> Vec<String> {
         // A host-mode run's cgroup goes first: while it cannot be emptied, its table stays.
         if !alive && crate::host_session::release_cgroup(&rec.id, &mut removed) {
             remove_objects(&rec.id, &mut removed);
+            // Its flows' conntrack entries go before its addresses can be given again; where
+            // they cannot, the record stays and keeps them reserved.
+            if let Some(a) = &rec.addressing {
+                match conntrack::delete_involving(&addresses_of(a), true) {
+                    Ok(0) => {}
+                    Ok(n) => removed.push(format!("{n} conntrack entries of sandbox {}", rec.id)),
+                    Err(e) => {
+                        tracing::error!(
+                            "sandbox {}: delete the conntrack entries of its flows: {e}",
+                            rec.id
+                        );
+                        continue;
+                    }
+                }
+            }
             state.remove(&rec.id);
             removed.push(format!("state of sandbox {}", rec.id));
         }
@@ -170,6 +186,11 @@ pub struct Sandbox {
     pub network: Option<NetworkRecord>,
     lease: Option<Lease>,
     netlink: Arc<NetlinkSetWriter>,
+    /// Opened at teardown, and kept open until this process exits (see `Conntrack`).
+    conntrack: Option<Conntrack>,
+    /// Whether connections to the sandbox may have been made (it publishes ports, or is on a
+    /// network): their conntrack entries go at teardown too. Until told otherwise, yes.
+    pub inbound: bool,
     /// Set once CMD's PID 1, and with it every process of the sandbox, is gone: the kernel
     /// destroys its network namespace, and the veth pair with it, on its own once the helper
     /// has exited too.
@@ -206,7 +227,8 @@ impl Sandbox {
                 let taken: Vec<ruleset::Addressing> = state
                     .sandboxes()?
                     .into_iter()
-                    .filter(|(r, alive)| *alive && r.network.as_ref() == Some(&net.name))
+                    // Alive, or dead with its clean-up unfinished (`cleanup_stale`).
+                    .filter(|(r, _)| r.network.as_ref() == Some(&net.name))
                     .filter_map(|(r, _)| r.addressing)
                     .collect();
                 addrpool::allocate_on_network(net, &taken)
@@ -214,8 +236,9 @@ impl Sandbox {
             }
             None => {
                 let mut in_use = link::prefixes_in_use()?;
-                for (rec, alive) in state.sandboxes()? {
-                    if let (true, Some(a)) = (alive, rec.addressing) {
+                // Alive, or dead with its clean-up unfinished (`cleanup_stale`).
+                for (rec, _) in state.sandboxes()? {
+                    if let Some(a) = rec.addressing {
                         in_use.extend(addrpool::prefixes_of(&a));
                     }
                 }
@@ -247,6 +270,8 @@ impl Sandbox {
             network,
             lease: Some(lease),
             netlink,
+            conntrack: None,
+            inbound: true,
             netns_gone: false,
             torn_down: false,
         };
@@ -323,6 +348,8 @@ impl Sandbox {
             network,
             lease: None,
             netlink,
+            conntrack: None,
+            inbound: true,
             netns_gone: false,
             torn_down: false,
         })
@@ -353,14 +380,39 @@ impl Sandbox {
         ]
     }
 
-    /// Removes the table (egress ends), the link, the record; restores host settings when it
-    /// was the last sandbox. Returns every error met, not just the first.
+    /// Removes the table (egress ends), the link, the conntrack entries of its flows, the
+    /// record; restores host settings when it was the last sandbox. Returns every error met,
+    /// not just the first.
     pub fn teardown(&mut self) -> Vec<String> {
         if self.torn_down {
             return Vec::new();
         }
         self.torn_down = true;
         let mut errors = Vec::new();
+        // Read before its table goes: while the sandbox started no flow of a family (and
+        // nothing could connect to it), it left no conntrack entry of it, and looking for
+        // them (a walk of the whole conntrack table in the kernel, 10 ms or more) is skipped.
+        let table = self.id.table();
+        let opened = |counter| {
+            self.inbound
+                || self
+                    .netlink
+                    .counter_packets(&table, counter)
+                    .map_or(true, |n| n > 0)
+        };
+        let flows_of: Vec<IpAddr> = [
+            (
+                opened(COUNTER_OPENED4),
+                IpAddr::from(self.addressing.sandbox4),
+            ),
+            (
+                opened(COUNTER_OPENED6),
+                IpAddr::from(self.addressing.sandbox6),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(opened, addr)| opened.then_some(addr))
+        .collect();
         // Over the netlink socket already open (no process to start at exit); `nft` only
         // where that fails, so teardown never hangs on a single path.
         errors.extend(delete_table(&self.netlink, Family::Inet, &self.id.table()));
@@ -379,9 +431,43 @@ impl Sandbox {
         {
             errors.push(e.to_string());
         }
-        forget_run(&self.state, &self.id, &mut self.lease);
+        // Its flows' conntrack entries go before its addresses can be given again (see
+        // `forget_flows`). If they cannot, the record stays, and with it the addresses, for
+        // the next run's clean-up to retry.
+        let forgotten = if flows_of.is_empty() {
+            Ok(0)
+        } else {
+            self.forget_flows(&flows_of)
+        };
+        match forgotten {
+            Ok(_) => forget_run(&self.state, &self.id, &mut self.lease),
+            Err(e) => {
+                errors.push(format!(
+                    "delete the conntrack entries of its flows: {e} (its addresses stay \
+                     reserved until `portcullis cleanup`, or the next run, removes them)"
+                ));
+                self.lease = None;
+            }
+        }
         errors
     }
+
+    /// Deletes the conntrack entries of the flows of `addrs` (the sandbox's), on a socket
+    /// kept open.
+    fn forget_flows(&mut self, addrs: &[IpAddr]) -> portcullis_kernel::Result<usize> {
+        let ct = match &mut self.conntrack {
+            Some(ct) => ct,
+            None => self.conntrack.insert(Conntrack::open()?),
+        };
+        ct.delete_involving(addrs, self.inbound)
+    }
+}
+
+/// The addresses a sandbox's flows come from: left in conntrack after it is gone, their
+/// entries would let the next sandbox given the same address use those flows as established
+/// ones, past its own policy (`Conntrack::delete_involving`).
+fn addresses_of(a: &ruleset::Addressing) -> [IpAddr; 2] {
+    [a.sandbox4.into(), a.sandbox6.into()]
 }
 
 /// The end of every run's teardown, a sandbox's or host mode's: the record goes, and when no

@@ -234,6 +234,9 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         &signals,
     )?;
     unused.0 = None;
+    // Nothing connects to a sandbox that publishes no port and is on no network: its
+    // teardown looks for its own outgoing flows only (see `Sandbox::teardown`).
+    sandbox.inbound = !publish.is_empty() || sandbox.network.is_some();
     aborted(&signals)?;
     let a = sandbox.addressing.clone();
     crate::logging::sandbox_created(

@@ -285,3 +285,61 @@ fn crashing_cmd_exits_139_and_leaves_nothing() {
     assert_eq!(out.status.code(), Some(139), "128 + SIGSEGV");
     assert_eq!(residue(&world), before, "run left something behind");
 }
+
+/// Sends one datagram from port 5000 to port 9999 of `argv[1]` (a name or an address), and
+/// again if no answer comes; prints the source address and what came back.
+const SAME_FLOW_PY: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 5000))
+s.settimeout(2)
+s.connect((socket.gethostbyname(sys.argv[1]), 9999))
+print("from", s.getsockname()[0], flush=True)
+for _ in range(2):
+    s.send(b"x")
+    try:
+        s.recv(100)
+        print("answered", flush=True)
+        break
+    except socket.timeout:
+        print("timed out", flush=True)
+"#;
+
+/// A run's flows go with it: their conntrack entries are deleted before its address can be
+/// given again. Left behind, they let the next sandbox given the same address (the pool holds
+/// one block here, so it is) send on them as established flows, to a destination its own
+/// policy does not allow.
+#[test]
+fn the_next_sandbox_on_the_same_address_cannot_use_the_last_ones_flows() {
+    const ONE_BLOCK: &str = "203.0.113.216/30";
+    let world = World::new(&zone());
+    world.serve_udp(9999);
+    let sandbox = |allow: &str, dest: &str| {
+        let out = world
+            .uplink_cmd(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["run", "--pool4", ONE_BLOCK, "--pool6", World::POOL6])
+            .args(["--allow", allow, "--"])
+            .args(python(SAME_FLOW_PY, &[dest]))
+            .output()
+            .expect("start portcullis");
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(0));
+        stdout(&out)
+    };
+    let ok: std::net::IpAddr = [198, 51, 100, 10].into();
+    // The first sandbox may reach ok.test, and does: the flow is established.
+    let first = sandbox("ok.test", "ok.test");
+    assert!(first.contains("answered"), "{first}");
+    let arrived = world.packets_to_port(ok, "udp", 9999);
+    // The next one, on the same address, may reach another name only: the same flow,
+    // hard-coded, arrives nowhere.
+    let next = sandbox("other.test", &ok.to_string());
+    let from = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with("from "))
+            .map(str::to_owned)
+    };
+    assert_eq!(from(&first), from(&next), "not the same address");
+    assert!(!next.contains("answered"), "{next}");
+    assert_eq!(world.packets_to_port(ok, "udp", 9999), arrived);
+}

@@ -11,8 +11,8 @@ use ipnet::IpNet;
 use portcullis_policy::Protocol;
 
 use crate::names::{
-    COUNTER_BLOCKED, GLOBAL_TABLE, IF_PREFIX, SET_ALLOW4, SET_ALLOW4_PORT, SET_ALLOW6,
-    SET_ALLOW6_PORT, SandboxId,
+    COUNTER_BLOCKED, COUNTER_OPENED4, COUNTER_OPENED6, GLOBAL_TABLE, IF_PREFIX, SET_ALLOW4,
+    SET_ALLOW4_PORT, SET_ALLOW6, SET_ALLOW6_PORT, SandboxId,
 };
 
 /// Maximum elements per dynamic set (the benchmark fills 1M).
@@ -166,7 +166,9 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
     let _ = write!(
         s,
         r#"table inet {table} {{
-{sets}
+{sets}	counter {COUNTER_OPENED4} {{ }}
+	counter {COUNTER_OPENED6} {{ }}
+
 	# Every DNS packet of the sandbox, whatever its destination, goes to the relay.
 	chain dns_redirect {{
 		type nat hook prerouting priority dstnat - 10; policy accept;
@@ -183,7 +185,10 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
 		# The sandbox kernel's own link chatter (router solicitations, MLD reports; CMD has no
 		# raw sockets to send them) is no flow of CMD's: dropped without counting or logging.
 		icmpv6 type {{ nd-router-solicit, mld-listener-report, mld2-listener-report }} drop
-{others_in}		meta nfproto ipv4 ip saddr != {s4} counter name {COUNTER_BLOCKED} drop
+{others_in}		# New flows are counted: a run that started none left no conntrack entry behind.
+		ct state new meta nfproto ipv4 counter name {COUNTER_OPENED4}
+		ct state new meta nfproto ipv6 counter name {COUNTER_OPENED6}
+		meta nfproto ipv4 ip saddr != {s4} counter name {COUNTER_BLOCKED} drop
 		meta nfproto ipv6 ip6 saddr != {{ {s6}, fe80::/10 }} counter name {COUNTER_BLOCKED} drop
 		ct state established,related accept
 		ip daddr {h4} udp dport {u4} accept
@@ -210,6 +215,8 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
 {publish_nat}
 	# Egress: replies, then what DNS answers and CIDR rules opened; the rest is logged and dropped.
 	chain egress {{
+		ct state new meta nfproto ipv4 counter name {COUNTER_OPENED4}
+		ct state new meta nfproto ipv6 counter name {COUNTER_OPENED6}
 		ct state established,related accept
 		meta nfproto ipv4 ip saddr != {s4} counter name {COUNTER_BLOCKED} drop
 		meta nfproto ipv6 ip6 saddr != {s6} counter name {COUNTER_BLOCKED} drop
