@@ -265,6 +265,29 @@ pub fn configure_sandbox_end(a: &Addressing, ns_path: &Path, bridged: bool) -> R
     })
 }
 
+/// Sets a link down by name, so that it neither receives nor sends: quick, where deleting a
+/// veth whose peer is in another namespace waits for the kernel. A link that is already gone
+/// is not an error.
+pub fn set_link_down(name: &str) -> Result<()> {
+    let name = name.to_owned();
+    with_handle(|handle| async move {
+        let index = match index_of(&handle, &name).await {
+            Ok(i) => i,
+            Err(_) => return Ok(()),
+        };
+        match handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).down().build())
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+            Err(e) => Err(nl(format!("set link {name} down"))(e)),
+        }
+    })
+}
+
 /// Deletes a link by name; a link that is already gone is not an error.
 pub fn delete_link(name: &str) -> Result<()> {
     let name = name.to_owned();

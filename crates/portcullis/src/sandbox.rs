@@ -389,12 +389,22 @@ impl Sandbox {
         }
         self.torn_down = true;
         let mut errors = Vec::new();
+        // Its link goes down first: nothing it sends passes the host any more. Without its
+        // tables, the guard table would forward what it sends (it accepts every `pc-` link),
+        // and a flow picked up then would make a conntrack entry after they are deleted.
+        // While its namespace lingers (its destruction is asynchronous), an orphaned socket
+        // may still send.
+        if let Err(e) = link::set_link_down(&self.id.host_ifname()) {
+            errors.push(e.to_string());
+        }
         // Read before its table goes: while the sandbox started no flow of a family (and
         // nothing could connect to it), it left no conntrack entry of it, and looking for
         // them (a walk of the whole conntrack table in the kernel, 10 ms or more) is skipped.
+        // With CMD perhaps still running (a failed set-up), the count may be late: look.
         let table = self.id.table();
         let opened = |counter| {
             self.inbound
+                || !self.netns_gone
                 || self
                     .netlink
                     .counter_packets(&table, counter)
@@ -416,8 +426,7 @@ impl Sandbox {
         // Over the netlink socket already open (no process to start at exit); `nft` only
         // where that fails, so teardown never hangs on a single path.
         errors.extend(delete_table(&self.netlink, Family::Inet, &self.id.table()));
-        // Then the anti-spoofing table: with the inet table gone, nothing of the sandbox
-        // is forwarded or delivered any more.
+        // Then the anti-spoofing table.
         errors.extend(delete_table(
             &self.netlink,
             Family::Netdev,

@@ -343,3 +343,87 @@ fn the_next_sandbox_on_the_same_address_cannot_use_the_last_ones_flows() {
     assert!(!next.contains("answered"), "{next}");
     assert_eq!(world.packets_to_port(ok, "udp", 9999), arrived);
 }
+
+/// In the sandbox: answers one datagram on UDP 5353 (published), then exits.
+const ANSWER_ONCE_PY: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 5353))
+s.settimeout(30)
+data, peer = s.recvfrom(100)
+s.sendto(b"answer", peer)
+print("answered", peer, flush=True)
+"#;
+
+/// In the world: sends from UDP port 16000 to `argv[1]`:15353 until an answer comes.
+const ASK_PUBLISHED_PY: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 16000))
+s.settimeout(0.5)
+for _ in range(40):
+    s.sendto(b"x", (sys.argv[1], 15353))
+    try:
+        print(s.recvfrom(100)[0].decode(), flush=True)
+        break
+    except socket.timeout:
+        pass
+"#;
+
+/// In the sandbox: sends from UDP port 5353 to `argv[1]`:16000, the reply direction of the
+/// gone sandbox's published flow.
+const SEND_BACK_PY: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 5353))
+for _ in range(3):
+    s.sendto(b"x", (sys.argv[1], 16000))
+print("sent", flush=True)
+"#;
+
+/// The same for connections to a sandbox: a flow a publish DNATed to the first sandbox is
+/// gone with it, and the next one on its address cannot send on its reply direction.
+#[test]
+fn the_next_sandbox_on_the_same_address_cannot_answer_on_the_last_ones_published_flows() {
+    const ONE_BLOCK: &str = "203.0.113.216/30";
+    let world = World::new(&zone());
+    let sandbox = |extra: &[&str], script: &'static str, args: &[&str]| {
+        let mut cmd = world.uplink_cmd(env!("CARGO_BIN_EXE_portcullis"));
+        cmd.args(["run", "--pool4", ONE_BLOCK, "--pool6", World::POOL6])
+            .args(["--allow", "other.test"])
+            .args(extra)
+            .arg("--")
+            .args(python(script, args));
+        cmd
+    };
+    let mut first = KillOnDrop::spawn(&mut sandbox(
+        &["--publish", "15353:5353/udp"],
+        ANSWER_ONCE_PY,
+        &[],
+    ));
+    let asked = world
+        .world_cmd("/usr/bin/python3")
+        .args(["-I", "-c", ASK_PUBLISHED_PY, &World::UPLINK_V4.to_string()])
+        .output()
+        .expect("python3 in the world");
+    assert_eq!(String::from_utf8_lossy(&asked.stdout).trim(), "answer");
+    let out = first.output_within(Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(0));
+    let world4: std::net::IpAddr = World::WORLD_V4.into();
+    let arrived = world.packets_to_port(world4, "udp", 16000);
+    let next = sandbox(&[], SEND_BACK_PY, &[&World::WORLD_V4.to_string()])
+        .output()
+        .expect("start portcullis");
+    assert_eq!(
+        next.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&next.stderr)
+    );
+    assert!(String::from_utf8_lossy(&next.stdout).contains("sent"));
+    assert_eq!(
+        world.packets_to_port(world4, "udp", 16000),
+        arrived,
+        "the next sandbox answered on the gone one's published flow"
+    );
+}
