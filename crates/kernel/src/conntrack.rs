@@ -1,5 +1,6 @@
 //! Cutting live flows: deleting the conntrack entries of connections from a sandbox to
-//! destinations it may no longer reach, over ctnetlink (`NETLINK_NETFILTER`, subsystem
+//! destinations it may no longer reach, and, at its teardown, of every flow of a sandbox
+//! (`Conntrack::delete_involving`), over ctnetlink (`NETLINK_NETFILTER`, subsystem
 //! `NFNL_SUBSYS_CTNETLINK`).
 //!
 //! The sandbox's `egress` chain accepts `ct state established,related` before it looks at the

@@ -374,10 +374,7 @@ impl Sandbox {
     }
 
     pub fn peers(&self) -> Vec<IpAddr> {
-        vec![
-            self.addressing.sandbox4.into(),
-            self.addressing.sandbox6.into(),
-        ]
+        addresses_of(&self.addressing).to_vec()
     }
 
     /// Removes the table (egress ends), the link, the conntrack entries of its flows, the
@@ -410,19 +407,11 @@ impl Sandbox {
                     .counter_packets(&table, counter)
                     .map_or(true, |n| n > 0)
         };
-        let flows_of: Vec<IpAddr> = [
-            (
-                opened(COUNTER_OPENED4),
-                IpAddr::from(self.addressing.sandbox4),
-            ),
-            (
-                opened(COUNTER_OPENED6),
-                IpAddr::from(self.addressing.sandbox6),
-            ),
-        ]
-        .into_iter()
-        .filter_map(|(opened, addr)| opened.then_some(addr))
-        .collect();
+        let [addr4, addr6] = addresses_of(&self.addressing);
+        let flows_of: Vec<IpAddr> = [(COUNTER_OPENED4, addr4), (COUNTER_OPENED6, addr6)]
+            .into_iter()
+            .filter_map(|(counter, addr)| opened(counter).then_some(addr))
+            .collect();
         // Over the netlink socket already open (no process to start at exit); `nft` only
         // where that fails, so teardown never hangs on a single path.
         errors.extend(delete_table(&self.netlink, Family::Inet, &self.id.table()));
@@ -472,9 +461,9 @@ impl Sandbox {
     }
 }
 
-/// The addresses a sandbox's flows come from: left in conntrack after it is gone, their
-/// entries would let the next sandbox given the same address use those flows as established
-/// ones, past its own policy (`Conntrack::delete_involving`).
+/// A sandbox's addresses, IPv4 then IPv6: its relay's peers, and where its flows come from
+/// (left in conntrack after it is gone, their entries would let the next sandbox given the
+/// same address use those flows as established ones: `Conntrack::delete_involving`).
 fn addresses_of(a: &ruleset::Addressing) -> [IpAddr; 2] {
     [a.sandbox4.into(), a.sandbox6.into()]
 }
