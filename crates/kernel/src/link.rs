@@ -265,12 +265,18 @@ pub fn configure_sandbox_end(a: &Addressing, ns_path: &Path, bridged: bool) -> R
     })
 }
 
-/// Sets a link down by name, so that it neither receives nor sends: quick, where deleting a
-/// veth whose peer is in another namespace waits for the kernel. A link that is already gone
-/// is not an error.
-pub fn set_link_down(name: &str) -> Result<()> {
+/// Takes a link out of use by name: sets it down, so that it neither receives nor sends, and
+/// removes the addresses left on it (IPv4 addresses stay on a down link), so that the next
+/// sandbox may take them while this link lingers until the kernel destroys its namespace.
+/// Quick, where deleting a veth whose peer is in another namespace waits for the kernel. A
+/// link or address that is already gone is not an error.
+pub fn retire_link(name: &str) -> Result<()> {
     let name = name.to_owned();
     with_handle(|handle| async move {
+        let gone = |e: &rtnetlink::Error| {
+            matches!(e, rtnetlink::Error::NetlinkError(m)
+                if [-libc::ENODEV, -libc::EADDRNOTAVAIL].contains(&m.raw_code()))
+        };
         let index = match index_of(&handle, &name).await {
             Ok(i) => i,
             Err(_) => return Ok(()),
@@ -281,10 +287,30 @@ pub fn set_link_down(name: &str) -> Result<()> {
             .execute()
             .await
         {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
-            Err(e) => Err(nl(format!("set link {name} down"))(e)),
+            Ok(()) => {}
+            Err(e) if gone(&e) => return Ok(()),
+            Err(e) => return Err(nl(format!("set link {name} down"))(e)),
         }
+        let addrs: Vec<_> = match handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+        {
+            Ok(a) => a,
+            Err(e) if gone(&e) => return Ok(()),
+            Err(e) => return Err(nl(format!("list the addresses of {name}"))(e)),
+        };
+        for msg in addrs {
+            match handle.address().del(msg).execute().await {
+                Ok(()) => {}
+                Err(e) if gone(&e) => {}
+                Err(e) => return Err(nl(format!("remove an address of {name}"))(e)),
+            }
+        }
+        Ok(())
     })
 }
 

@@ -242,8 +242,7 @@ impl Sandbox {
                         in_use.extend(addrpool::prefixes_of(&a));
                     }
                 }
-                let start = u64::from_str_radix(id.as_str(), 16).unwrap_or(0);
-                addrpool::allocate(pool4, pool6, &in_use, start).ok_or_else(|| {
+                addrpool::allocate(pool4, pool6, &in_use).ok_or_else(|| {
                     anyhow!("no free sandbox addresses in pools {pool4} and {pool6}")
                 })?
             }
@@ -390,8 +389,9 @@ impl Sandbox {
         // tables, the guard table would forward what it sends (it accepts every `pc-` link),
         // and a flow picked up then would make a conntrack entry after they are deleted.
         // While its namespace lingers (its destruction is asynchronous), an orphaned socket
-        // may still send.
-        if let Err(e) = link::set_link_down(&self.id.host_ifname()) {
+        // may still send. Its addresses go with it, or the next run, finding them on the
+        // lingering link, would take other ones (`addrpool` says why the same ones matter).
+        if let Err(e) = link::retire_link(&self.id.host_ifname()) {
             errors.push(e.to_string());
         }
         // Read before its table goes: while the sandbox started no flow of a family (and

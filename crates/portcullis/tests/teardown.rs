@@ -427,3 +427,52 @@ fn the_next_sandbox_on_the_same_address_cannot_answer_on_the_last_ones_published
         "the next sandbox answered on the gone one's published flow"
     );
 }
+
+/// In the sandbox: one TCP connection from source port 40000 to `argv[1]`:7000; the server
+/// closes first (it keeps the connection in TIME_WAIT). Prints the sandbox's address and the
+/// SYNs the kernel had to send again (a fresh namespace counts from 0).
+const CONNECT_FROM_40000_PY: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.bind(("0.0.0.0", 40000))
+s.settimeout(10)
+s.connect((sys.argv[1], 7000))
+while s.recv(100):
+    pass
+print("from", s.getsockname()[0], flush=True)
+s.close()
+names, values = [l.split() for l in open("/proc/net/netstat") if l.startswith("TcpExt:")]
+print("syn retransmits", dict(zip(names, values))["TCPSynRetrans"], flush=True)
+"#;
+
+/// Runs one after another take the same addresses, even while the last one's link lingers
+/// (the kernel destroys its namespace asynchronously). Masqueraded to the same address and
+/// port, the next run's connection then continues the last one's sequence numbers and TCP
+/// timestamps, which the kernel derives from the source address, and a server holding the
+/// last connection in TIME_WAIT accepts it at once. From a new address, the server answered
+/// the SYN with a challenge ACK, the client reset it and sent the SYN again.
+#[test]
+fn runs_one_after_another_take_the_same_addresses_and_servers_take_their_connections() {
+    let world = World::new(&zone());
+    world.serve_tcp(7000);
+    let connect = || {
+        let out = run(
+            &world,
+            &["--allow", "ok.test"],
+            &python(CONNECT_FROM_40000_PY, &["ok.test"]),
+        );
+        assert_eq!(out.status.code(), Some(0));
+        stdout(&out)
+    };
+    let line = |out: &str, what: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(what))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no {what:?} in {out}"))
+    };
+    let runs: Vec<String> = (0..3).map(|_| connect()).collect();
+    for out in &runs {
+        assert_eq!(line(out, "from "), line(&runs[0], "from "), "{runs:?}");
+        assert_eq!(line(out, "syn retransmits "), "0", "{runs:?}");
+    }
+}
