@@ -214,10 +214,11 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
 	}}
 {publish_nat}
 	# Egress: replies, then what DNS answers and CIDR rules opened; the rest is logged and dropped.
+	# Running flows are accepted first: the one rule most packets meet.
 	chain egress {{
+		ct state established,related accept
 		ct state new meta nfproto ipv4 counter name {COUNTER_OPENED4}
 		ct state new meta nfproto ipv6 counter name {COUNTER_OPENED6}
-		ct state established,related accept
 		meta nfproto ipv4 ip saddr != {s4} counter name {COUNTER_BLOCKED} drop
 		meta nfproto ipv6 ip6 saddr != {s6} counter name {COUNTER_BLOCKED} drop
 {learn}		ip daddr @{SET_ALLOW4} accept
