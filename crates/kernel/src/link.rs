@@ -56,6 +56,23 @@ async fn index_of(handle: &Handle, name: &str) -> Result<u32> {
         .ok_or_else(|| Error::Other(format!("{what}: no such link")))
 }
 
+/// The index of a link, or `None` if there is no such link. Any other failure is an error:
+/// teardown must not take a link it could not look up for a link that is gone.
+async fn index_if_present(handle: &Handle, name: &str) -> Result<Option<u32>> {
+    match handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(link) => Ok(link.map(|l| l.header.index)),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(nl(format!("find link {name}"))(e)),
+    }
+}
+
 async fn add_addr(
     handle: &Handle,
     index: u32,
@@ -277,9 +294,8 @@ pub fn retire_link(name: &str) -> Result<()> {
             matches!(e, rtnetlink::Error::NetlinkError(m)
                 if [-libc::ENODEV, -libc::EADDRNOTAVAIL].contains(&m.raw_code()))
         };
-        let index = match index_of(&handle, &name).await {
-            Ok(i) => i,
-            Err(_) => return Ok(()),
+        let Some(index) = index_if_present(&handle, &name).await? else {
+            return Ok(());
         };
         match handle
             .link()
@@ -318,9 +334,8 @@ pub fn retire_link(name: &str) -> Result<()> {
 pub fn delete_link(name: &str) -> Result<()> {
     let name = name.to_owned();
     with_handle(|handle| async move {
-        let index = match index_of(&handle, &name).await {
-            Ok(i) => i,
-            Err(_) => return Ok(()),
+        let Some(index) = index_if_present(&handle, &name).await? else {
+            return Ok(());
         };
         match handle.link().del(index).execute().await {
             Ok(()) => Ok(()),

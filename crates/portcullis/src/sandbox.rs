@@ -398,6 +398,9 @@ impl Sandbox {
         // nothing could connect to it), it left no conntrack entry of it, and looking for
         // them (a walk of the whole conntrack table in the kernel, 10 ms or more) is skipped.
         // With CMD perhaps still running (a failed set-up), the count may be late: look.
+        // Runs one after another take the same addresses (`addrpool`), so a flow this skips
+        // by mistake would be the next run's to use: a counter must see every new flow the
+        // sandbox can start, and `inbound` must be set whenever anything can connect to it.
         let table = self.id.table();
         let opened = |counter| {
             self.inbound
