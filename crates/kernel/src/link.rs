@@ -43,17 +43,9 @@ where
 }
 
 async fn index_of(handle: &Handle, name: &str) -> Result<u32> {
-    let what = format!("find link {name}");
-    handle
-        .link()
-        .get()
-        .match_name(name.to_owned())
-        .execute()
-        .try_next()
-        .await
-        .map_err(nl(what.clone()))?
-        .map(|l| l.header.index)
-        .ok_or_else(|| Error::Other(format!("{what}: no such link")))
+    index_if_present(handle, name)
+        .await?
+        .ok_or_else(|| Error::Other(format!("find link {name}: no such link")))
 }
 
 /// The index of a link, or `None` if there is no such link. Any other failure is an error:

@@ -344,11 +344,13 @@ fn the_next_sandbox_on_the_same_address_cannot_use_the_last_ones_flows() {
     assert_eq!(world.packets_to_port(ok, "udp", 9999), arrived);
 }
 
-/// In the sandbox: answers one datagram on UDP 5353 (published), then exits.
+/// In the sandbox: says `ready` once bound, answers one datagram on UDP 5353 (published),
+/// then exits.
 const ANSWER_ONCE_PY: &str = r#"
 import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", 5353))
+print("ready", flush=True)
 s.settimeout(30)
 data, peer = s.recvfrom(100)
 s.sendto(b"answer", peer)
@@ -401,13 +403,30 @@ fn the_next_sandbox_on_the_same_address_cannot_answer_on_the_last_ones_published
         ANSWER_ONCE_PY,
         &[],
     ));
-    let asked = world
-        .world_cmd("/usr/bin/python3")
-        .args(["-I", "-c", ASK_PUBLISHED_PY, &World::UPLINK_V4.to_string()])
-        .output()
-        .expect("python3 in the world");
-    assert_eq!(String::from_utf8_lossy(&asked.stdout).trim(), "answer");
-    let out = first.output_within(Duration::from_secs(20));
+    // Asked only once the sandbox listens: the flow under test is the answered one.
+    let mut ready = String::new();
+    {
+        use std::io::BufRead as _;
+        let stdout = first.0.stdout.as_mut().expect("stdout is piped");
+        let _ = std::io::BufReader::new(stdout).read_line(&mut ready);
+    }
+    let asked = if ready.trim() == "ready" {
+        world
+            .world_cmd("/usr/bin/python3")
+            .args(["-I", "-c", ASK_PUBLISHED_PY, &World::UPLINK_V4.to_string()])
+            .output()
+            .expect("python3 in the world")
+            .stdout
+    } else {
+        Vec::new()
+    };
+    // Its output first: if the flow was never answered, it says why.
+    let out = first.output_within(Duration::from_secs(35));
+    assert_eq!(
+        String::from_utf8_lossy(&asked).trim(),
+        "answer",
+        "ready: {ready:?}"
+    );
     assert_eq!(out.status.code(), Some(0));
     let world4: std::net::IpAddr = World::WORLD_V4.into();
     let arrived = world.packets_to_port(world4, "udp", 16000);
