@@ -6,8 +6,8 @@
 //! timestamp offset from its source address. Masqueraded to the host's address, the next
 //! run's connections then continue the last run's numbers, and a server still holding that
 //! run's connections in TIME_WAIT on the same address and ports accepts the new ones. With a
-//! new address each time, about a third of a busy client's connections met such a server with
-//! a challenge ACK, a reset and a retransmitted SYN (docs/benchmarks.md).
+//! new address each time, a fifth to a third of a busy client's connections met such a server
+//! with a challenge ACK, a reset and a retransmitted SYN (docs/benchmarks.md).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
