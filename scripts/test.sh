@@ -13,7 +13,8 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
   iproute2 nftables procps python3 python3-dnslib python3-yaml dnsutils curl socat \
-  ca-certificates squid dnsmasq-base openssl util-linux bind9-dnsutils fstrm-bin unbound >/dev/null
+  ca-certificates squid dnsmasq-base openssl util-linux bind9-dnsutils fstrm-bin unbound \
+  iputils-ping conntrack >/dev/null
 
 if ! command -v cargo-nextest >/dev/null && ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
