@@ -1,0 +1,131 @@
+#!/usr/bin/python3
+"""Scratch A/B behind docs/benchmarks.md "Many sandboxes on one host": new connections/s
+(wrk, Connection: close) on bench/run's masquerade-only path, without and with K other
+sandboxes' rules in the uplink, interleaved per round. Builds bench/run's topology itself.
+
+usage: sudo bench/tables_ab.py ROUNDS K MODE [SECS]
+MODE: tables (K copies of a sandbox's inet table, as today), filter (their forward, input
+and output chains only), nat (their NAT chains only), vmap (one table, one forward base
+chain dispatching to K sandboxes' chains through iifname/oifname vmaps)."""
+import importlib.machinery, importlib.util, re, signal, statistics, subprocess, sys, time
+
+rounds, K, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+secs = sys.argv[4] if len(sys.argv) > 4 else "4"
+loader = importlib.machinery.SourceFileLoader("benchrun", sys.path[0] + "/run")
+spec = importlib.util.spec_from_loader("benchrun", loader)
+br = importlib.util.module_from_spec(spec)
+sys.argv = ["bench/run", "--only", "dataplane", "--rounds", "1", "--no-build"]
+loader.exec_module(br)
+
+CHAINS = {
+    "nat": """	chain dns_redirect {
+		type nat hook prerouting priority dstnat - 10; policy accept;
+		iifname "@IF@" meta nfproto ipv4 udp dport 53 dnat ip to 10.200.0.1:5353
+		iifname "@IF@" meta nfproto ipv4 tcp dport 53 dnat ip to 10.200.0.1:5353
+		iifname "@IF@" meta nfproto ipv6 udp dport 53 dnat ip6 to [fd00::1]:5353
+		iifname "@IF@" meta nfproto ipv6 tcp dport 53 dnat ip6 to [fd00::1]:5353
+	}
+	chain source_nat {
+		type nat hook postrouting priority srcnat; policy accept;
+		oifname != "@IF@" ip saddr 10.200.0.2 masquerade
+		oifname != "@IF@" ip6 saddr fd00::2 masquerade
+	}
+""",
+    "filter": """	chain host_input {
+		type filter hook input priority filter; policy accept;
+		iifname != "@IF@" return
+		counter name blocked drop
+	}
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		iifname "@IF@" jump egress
+		oifname "@IF@" ct state established,related accept
+		oifname "@IF@" counter name blocked drop
+	}
+	chain host_output {
+		type filter hook output priority filter; policy accept;
+		oifname != "@IF@" return
+		ct state established,related accept
+		counter drop
+	}
+	chain egress {
+		ct state established,related accept
+		ip daddr @allow4 accept
+		counter name blocked drop
+	}
+""",
+}
+HEAD = """	set allow4 { type ipv4_addr; flags timeout; }
+	counter blocked { }
+"""
+
+
+def ruleset():
+    if mode == "vmap":
+        chains = "".join(f"""	chain e{i} {{
+		ct state established,related accept
+		ip daddr @allow4 accept
+		counter name blocked drop
+	}}
+	chain r{i} {{
+		ct state established,related accept
+		counter name blocked drop
+	}}
+""" for i in range(K))
+        iv = ", ".join(f'"pd-{i}" : jump e{i}' for i in range(K))
+        ov = ", ".join(f'"pd-{i}" : jump r{i}' for i in range(K))
+        return (f"table inet pcab0 {{\n{HEAD}{chains}\tchain forward {{\n"
+                "\t\ttype filter hook forward priority filter; policy accept;\n"
+                f"\t\tiifname vmap {{ {iv} }}\n\t\toifname vmap {{ {ov} }}\n\t}}\n}}\n")
+    body = {"tables": CHAINS["nat"] + CHAINS["filter"]}.get(mode) or CHAINS[mode]
+    return "".join(f"table inet pcab{i} {{\n{HEAD}{body.replace('@IF@', f'pd-{i}')}}}\n"
+                   for i in range(K))
+
+
+def tables():
+    return 1 if mode == "vmap" else K
+
+
+b = br.Bench()
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+try:
+    b.claim()
+    b.build_topology()
+    dns = br.DnsFigure(b, br.parse_args())
+    dns.n_qps = dns.n_lat = dns.first_rep = 0
+    dns.setup()
+    web = br.WebFigure(b, br.parse_args())
+    web.setup()
+    script = ruleset()
+
+    def nft(text):
+        br.run(br.nsexec(b.up, ["nft", "-f", "-"]), input=text)
+
+    def one(with_rules):
+        br.run(br.nsexec(b.up, ["conntrack", "-F"]), check=False)
+        if with_rules:
+            nft(script)
+        b.masquerade(True)
+        try:
+            out = br.run(br.nsexec(b.n, ["wrk", "-t", "1", "-c", "32", "-d", f"{secs}s", "-H",
+                                         "Connection: close",
+                                         f"http://web.{br.ZONE}:{br.WEB_PORTS['masquerade']}/"]),
+                         timeout=int(secs) + 60)
+        finally:
+            b.masquerade(False)
+            if with_rules:
+                nft("".join(f"delete table inet pcab{i}\n" for i in range(tables())))
+        return float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))
+
+    ratios = []
+    for r in range(rounds):
+        order = [False, True] if r % 2 == 0 else [True, False]
+        got = {}
+        for w in order:
+            got[w] = one(w)
+            time.sleep(1)
+        ratios.append(got[True] / got[False])
+        print(f"round {r}: none {got[False]:.0f}, {mode} K={K} {got[True]:.0f} conn/s", flush=True)
+    print(f"{mode} K={K}: median ratio {statistics.median(ratios):.3f} over {rounds} rounds")
+finally:
+    b.cleanup()
