@@ -6,7 +6,10 @@ sandboxes' rules in the uplink, interleaved per round. Builds bench/run's topolo
 usage: sudo bench/tables_ab.py ROUNDS K MODE [SECS]
 MODE: tables (K copies of a sandbox's inet table, as today), filter (their forward, input
 and output chains only), nat (their NAT chains only), vmap (one table, one forward base
-chain dispatching to K sandboxes' chains through iifname/oifname vmaps)."""
+chain dispatching to K sandboxes' chains through iifname/oifname vmaps), conntrack (K is
+ignored: the unfiltered, routed path, without and with a forward chain whose one rule,
+`ct state established,related accept`, turns conntrack on: what any stateful filter costs
+before its first rule of its own)."""
 import importlib.machinery, importlib.util, re, signal, statistics, subprocess, sys, time
 
 rounds, K, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -61,6 +64,10 @@ HEAD = """	set allow4 { type ipv4_addr; flags timeout; }
 
 
 def ruleset():
+    if mode == "conntrack":
+        return ("table inet pcab0 {\n\tchain forward {\n"
+                "\t\ttype filter hook forward priority filter; policy accept;\n"
+                "\t\tct state established,related accept\n\t}\n}\n")
     if mode == "vmap":
         chains = "".join(f"""	chain e{i} {{
 		ct state established,related accept
@@ -83,7 +90,7 @@ def ruleset():
 
 
 def tables():
-    return 1 if mode == "vmap" else K
+    return 1 if mode in ("vmap", "conntrack") else K
 
 
 b = br.Bench()
@@ -105,14 +112,18 @@ try:
         br.run(br.nsexec(b.up, ["conntrack", "-F"]), check=False)
         if with_rules:
             nft(script)
-        b.masquerade(True)
+        routed = mode == "conntrack"
+        if not routed:
+            b.masquerade(True)
         try:
-            out = br.run(br.nsexec(b.n, ["wrk", "-t", "1", "-c", "32", "-d", f"{secs}s", "-H",
+            out = br.run(br.nsexec(b.c if routed else b.n, ["wrk", "-t", "1", "-c", "32", "-d", f"{secs}s", "-H",
                                          "Connection: close",
-                                         f"http://web.{br.ZONE}:{br.WEB_PORTS['masquerade']}/"]),
+                                         f"http://web.{br.ZONE}:"
+                                         f"{br.WEB_PORTS['unfiltered' if routed else 'masquerade']}/"]),
                          timeout=int(secs) + 60)
         finally:
-            b.masquerade(False)
+            if not routed:
+                b.masquerade(False)
             if with_rules:
                 nft("".join(f"delete table inet pcab{i}\n" for i in range(tables())))
         return float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))
