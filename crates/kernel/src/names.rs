@@ -7,6 +7,11 @@ use std::fmt;
 
 /// Prefix of every nft table (`portcullis_<id>`, and the shared `portcullis` table).
 pub const TABLE_PREFIX: &str = "portcullis_";
+/// The `inet` table every sandbox of the namespace shares: one base chain per hook, which
+/// dispatches each packet through maps keyed on its link to the one sandbox it concerns.
+/// Each sandbox's chains, sets and counters live there under names ending in `_<id>`
+/// ([`SandboxId::object`]).
+pub const SHARED_TABLE: &str = "portcullis_sandboxes";
 /// The shared table that confines forwarding to sandbox interfaces when Portcullis enabled it.
 pub const GLOBAL_TABLE: &str = "portcullis";
 /// Prefix of every interface (`pc-<id>-h` on the host side, `pc-<id>-s` before it moves).
@@ -66,9 +71,22 @@ impl SandboxId {
         &self.0
     }
 
-    /// The sandbox's nft table in the invoking namespace.
+    /// The name of the sandbox's anti-spoofing table (`netdev`), and how logs, dnstap and
+    /// the API name the sandbox.
     pub fn table(&self) -> String {
         format!("{TABLE_PREFIX}{}", self.0)
+    }
+
+    /// The name of the sandbox's chain, set or counter `base` in [`SHARED_TABLE`]:
+    /// `<base>_<id>`.
+    pub fn object(&self, base: &str) -> String {
+        format!("{base}_{}", self.0)
+    }
+
+    /// Recognises an object of [`SHARED_TABLE`] named by [`SandboxId::object`] and returns
+    /// its id.
+    pub fn from_object(name: &str) -> Option<Self> {
+        name.rsplit_once('_').and_then(|(_, id)| Self::parse(id))
     }
 
     /// The sandbox side's MAC address, set by Portcullis when it creates the link:
@@ -260,6 +278,14 @@ mod tests {
         assert_eq!(SandboxId::from_ifname(&id.peer_ifname()), Some(id.clone()));
         assert_eq!(SandboxId::from_table(&id.table()), Some(id.clone()));
         assert_eq!(SandboxId::from_table(GLOBAL_TABLE), None);
+        assert_eq!(SandboxId::from_table(SHARED_TABLE), None);
+        assert_eq!(network_hash_of_table(SHARED_TABLE), None);
+        assert_eq!(id.object("allow4p"), format!("allow4p_{id}"));
+        assert_eq!(
+            SandboxId::from_object(&id.object("publish_in")),
+            Some(id.clone())
+        );
+        assert_eq!(SandboxId::from_object("forward_from4"), None);
         assert_eq!(SandboxId::from_cgroup(&id.cgroup()), Some(id.clone()));
         assert_eq!(SandboxId::parse("ABCDEF01"), None);
         assert_eq!(SandboxId::parse("abc"), None);

@@ -15,9 +15,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use portcullis_kernel::names::SandboxId;
+use portcullis_kernel::names::{SHARED_TABLE, SandboxId};
 use portcullis_kernel::nft::ruleset::{Addressing, RelayPorts, SandboxRules, sandbox_ruleset};
-use portcullis_kernel::nft::sets::{Element, ElementKey, NetlinkSetWriter, SetWriter};
+use portcullis_kernel::nft::sets::{Element, ElementKey, NetlinkSetWriter, SetWriter, SetsAt};
 use portcullis_kernel::{conntrack, netns};
 use portcullis_policy::Protocol;
 
@@ -164,9 +164,9 @@ fn v4(i: u32) -> IpAddr {
 fn removing_elements_leaves_the_rest_and_ignores_missing_ones() {
     let ns = Namespaces::new(&["r"]);
     let id = SandboxId::random();
-    let table = id.table();
+    let table = SHARED_TABLE.to_owned();
     ns.sandbox_table("r", &id);
-    let t = table.clone();
+    let t = SetsAt::sandbox(&id);
     let timings = netns::run_in(&ns.path("r"), move || {
         let w = NetlinkSetWriter::open()?;
         let tcp443 = ElementKey::AddrPort(v4(3), Protocol::Tcp, 443);
@@ -232,19 +232,22 @@ fn removing_elements_leaves_the_rest_and_ignores_missing_ones() {
         println!("remove {what}: {d:?}");
     }
     let mut v4s: Vec<String> = ns
-        .set_elements("r", &table, "allow4")
+        .set_elements("r", &table, &id.object("allow4"))
         .iter()
         .map(shown_addr)
         .collect();
     v4s.sort();
     assert_eq!(v4s, ["198.51.100.1", "198.51.100.3", "198.51.100.5"]);
     let ports: Vec<String> = ns
-        .set_elements("r", &table, "allow4p")
+        .set_elements("r", &table, &id.object("allow4p"))
         .iter()
         .map(shown_addr)
         .collect();
     assert_eq!(ports, ["198.51.100.3.udp.53"]);
-    assert!(ns.set_elements("r", &table, "allow6").is_empty());
+    assert!(
+        ns.set_elements("r", &table, &id.object("allow6"))
+            .is_empty()
+    );
 }
 
 /// Receives one connection, and writes "<connections> <bytes>" to `out` after every read.
@@ -309,7 +312,7 @@ fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 fn removing_the_element_and_the_conntrack_entry_cuts_an_established_connection() {
     let mut ns = Namespaces::new(&["s", "r", "w"]);
     let id = SandboxId::random();
-    let table = id.table();
+    let table = SHARED_TABLE.to_owned();
     let host_if = id.host_ifname();
     let (s, r, w) = (ns.name("s"), ns.name("r"), ns.name("w"));
     sh(&[
@@ -360,7 +363,7 @@ fn removing_the_element_and_the_conntrack_entry_cuts_an_established_connection()
 
     let server = ElementKey::Addr("198.51.100.2".parse().unwrap());
     let sandbox: IpAddr = "203.0.113.2".parse().unwrap();
-    let t = table.clone();
+    let t = SetsAt::sandbox(&id);
     netns::run_in(&ns.path("r"), move || {
         NetlinkSetWriter::open()?.add(
             &t,
@@ -385,7 +388,7 @@ fn removing_the_element_and_the_conntrack_entry_cuts_an_established_connection()
     );
 
     // The element alone: the established flow goes on (`ct state established` comes first).
-    let t = table.clone();
+    let t = SetsAt::sandbox(&id);
     netns::run_in(&ns.path("r"), move || {
         NetlinkSetWriter::open()?.remove(&t, &[server])
     })
@@ -417,7 +420,17 @@ fn removing_the_element_and_the_conntrack_entry_cuts_an_established_connection()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()
     );
-    let blocked = ns.exec("r", &["nft", "list", "counter", "inet", &table, "blocked"]);
+    let blocked = ns.exec(
+        "r",
+        &[
+            "nft",
+            "list",
+            "counter",
+            "inet",
+            &table,
+            &id.object("blocked"),
+        ],
+    );
     println!("{blocked}");
     assert_eq!(at_cut, later, "no byte reached the receiver after the cut");
     assert_eq!(

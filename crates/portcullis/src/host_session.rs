@@ -22,7 +22,7 @@ use portcullis_kernel::cgroup::{self, Cgroup2};
 use portcullis_kernel::names::{COUNTER_BLOCKED, SandboxId};
 use portcullis_kernel::nflog::NflogGroup;
 use portcullis_kernel::nft::host_ruleset::{HostRelay, HostRules, Selector, host_ruleset};
-use portcullis_kernel::nft::sets::{NetlinkSetWriter, SetWriter};
+use portcullis_kernel::nft::sets::{NetlinkSetWriter, SetWriter, SetsAt};
 use portcullis_kernel::nft::{Family, apply};
 use portcullis_kernel::process::InitSpec;
 use portcullis_kernel::state::{Lease, SandboxRecord, StateDir};
@@ -133,7 +133,7 @@ impl HostRun {
             Family::Inet,
             &self.id.table(),
         ));
-        crate::sandbox::forget_run(&self.state, &self.id, &mut self.lease);
+        crate::sandbox::forget_run(&self.state, &self.id, &mut self.lease, &self.netlink);
         errors
     }
 }
@@ -315,7 +315,7 @@ pub fn execute(
     // Only redirected queries reach the relay (the table's `relay_guard`); their source is
     // whichever host address CMD's socket used, so no peer list applies.
     crate::logging::sandbox_created(&id.table(), "host", String::new(), String::new());
-    let mut ctx = SandboxCtx::new(id.table(), Vec::new(), policy, writer);
+    let mut ctx = SandboxCtx::new(SetsAt::table(id.table()), Vec::new(), policy, writer);
     let producer = dnstap.map(|d| crate::dnstap::Producer::start(rt.handle(), d));
     if let Some(p) = &producer {
         ctx = ctx.with_tap(p.tap());

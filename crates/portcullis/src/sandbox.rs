@@ -10,7 +10,9 @@ use anyhow::{Context as _, anyhow};
 use portcullis_kernel::addrpool;
 use portcullis_kernel::conntrack::{self, Conntrack};
 use portcullis_kernel::link;
-use portcullis_kernel::names::{self, COUNTER_OPENED4, COUNTER_OPENED6, GLOBAL_TABLE, SandboxId};
+use portcullis_kernel::names::{
+    self, COUNTER_OPENED4, COUNTER_OPENED6, GLOBAL_TABLE, NetworkName, SHARED_TABLE, SandboxId,
+};
 use portcullis_kernel::nft::sets::NetlinkSetWriter;
 use portcullis_kernel::nft::{Family, antispoof, apply, ruleset};
 use portcullis_kernel::state::{GlobalLock, Lease, NetworkRecord, SandboxRecord, StateDir};
@@ -32,7 +34,7 @@ pub fn cleanup_stale(state: &StateDir, scan: bool) -> Vec<String> {
     for (rec, alive) in &records {
         // A host-mode run's cgroup goes first: while it cannot be emptied, its table stays.
         if !alive && crate::host_session::release_cgroup(&rec.id, &mut removed) {
-            remove_objects(&rec.id, &mut removed);
+            remove_objects(rec, &mut removed);
             // Its flows' conntrack entries go before its addresses can be given again; where
             // they cannot, the record stays and keeps them reserved.
             if let Some(a) = &rec.addressing {
@@ -54,6 +56,11 @@ pub fn cleanup_stale(state: &StateDir, scan: bool) -> Vec<String> {
     }
     for id in state.remove_orphans() {
         removed.push(format!("state files of sandbox {id}"));
+    }
+    // With no sandbox alive, the shared table goes whole, with whatever is left in it. The
+    // last run's teardown removed it: only a dead run's leftovers, or `cleanup`, bring us here.
+    if live.is_empty() && (scan || !records.is_empty()) {
+        delete_shared_table(None, &mut removed);
     }
     // Objects with our prefix but no live record: a crash between creation and record is
     // impossible (the record comes first), but a state directory removed by hand is not.
@@ -124,7 +131,19 @@ fn remove_stale_networks(state: &StateDir, removed: &mut Vec<String>) {
     }
 }
 
-fn remove_objects(id: &SandboxId, removed: &mut Vec<String>) {
+fn remove_objects(rec: &SandboxRecord, removed: &mut Vec<String>) {
+    let id = &rec.id;
+    // What it may have in the shared table, whatever point its run died at.
+    let bridge = rec.network.as_ref().map(NetworkName::bridge);
+    if let Some(a) = &rec.addressing
+        && let Ok(n) = NetlinkSetWriter::open()
+            .and_then(|w| w.remove_objects_present(&possible_objects(id, a, bridge.as_deref())))
+        && n > 0
+    {
+        removed.push(format!(
+            "{n} objects of sandbox {id} in nft table inet {SHARED_TABLE}"
+        ));
+    }
     for family in Family::ALL {
         if apply::delete_family_table(family, &id.table()).is_ok() {
             removed.push(format!("nft table {family} {}", id.table()));
@@ -133,6 +152,32 @@ fn remove_objects(id: &SandboxId, removed: &mut Vec<String>) {
     for name in [id.host_ifname(), id.peer_ifname()] {
         let _ = link::delete_link(&name);
     }
+}
+
+/// Deletes the shared table (every sandbox's chains, sets and elements); notes it in
+/// `removed` if it was there. Only with no sandbox alive, lock held. Over `netlink`, a run's
+/// own socket, if given: a socket opened for it would, closing after a commit, wait for the
+/// kernel's deferred destruction (see `exit::release_netfilter_sockets_after_exit`).
+fn delete_shared_table(netlink: Option<&NetlinkSetWriter>, removed: &mut Vec<String>) {
+    let gone = match netlink {
+        Some(w) => w.delete_table_if_present(SHARED_TABLE),
+        None => NetlinkSetWriter::open().and_then(|w| w.delete_table_if_present(SHARED_TABLE)),
+    };
+    match gone {
+        Ok(true) => removed.push(format!("nft table inet {SHARED_TABLE}")),
+        Ok(false) => {}
+        Err(e) => tracing::error!("{e}"),
+    }
+}
+
+/// What sandbox `id`, with addressing `a`, on `bridge` if on a network, may have in the shared
+/// table: for a clean-up that does not know whether it published ports.
+fn possible_objects(
+    id: &SandboxId,
+    a: &ruleset::Addressing,
+    bridge: Option<&str>,
+) -> ruleset::SandboxObjects {
+    ruleset::sandbox_objects(id, a, bridge, true, true)
 }
 
 /// Restores forwarding and removes the guard table when no sandbox is left. Lock held.
@@ -191,6 +236,8 @@ pub struct Sandbox {
     /// Whether connections to the sandbox may have been made (it publishes ports, or is on a
     /// network): their conntrack entries go at teardown too. Until told otherwise, yes.
     pub inbound: bool,
+    /// What its set-up put in the shared table, once submitted: what the teardown removes.
+    objects: std::sync::OnceLock<ruleset::SandboxObjects>,
     /// Set once CMD's PID 1, and with it every process of the sandbox, is gone: the kernel
     /// destroys its network namespace, and the veth pair with it, on its own once the helper
     /// has exited too.
@@ -271,6 +318,7 @@ impl Sandbox {
             netlink,
             conntrack: None,
             inbound: true,
+            objects: std::sync::OnceLock::new(),
             netns_gone: false,
             torn_down: false,
         };
@@ -298,12 +346,17 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Loads the sandbox's tables in one `nft -f` transaction (one `nft` process, the
+    /// Loads the sandbox's rules in one `nft -f` transaction (one `nft` process, the
     /// largest single cost of a run's start-up, started early by the caller so that its own
-    /// start overlaps the wiring): `rules`, its `inet` table, and its anti-spoofing table,
-    /// bound to the host-side link. Both or neither: fail closed. Call once, before CMD
-    /// starts; on failure, dropping the sandbox tears everything down.
-    pub fn load_tables(&self, nft: apply::Prestarted, rules: &str) -> anyhow::Result<()> {
+    /// start overlaps the wiring): `rules` (a `ruleset::sandbox_ruleset`: its part of the
+    /// shared table), and its anti-spoofing table, bound to the host-side link. Both or
+    /// neither: fail closed. Call once, before CMD starts; on failure, dropping the sandbox
+    /// tears everything down.
+    pub fn load_tables(
+        &self,
+        nft: apply::Prestarted,
+        rules: &ruleset::SandboxRules<'_>,
+    ) -> anyhow::Result<()> {
         // `nft`'s socket, if taken, is released here, as `nft`'s exit would have.
         self.submit_tables(nft, rules)?.wait()?;
         Ok(())
@@ -315,16 +368,19 @@ impl Sandbox {
     pub fn submit_tables(
         &self,
         nft: apply::Prestarted,
-        rules: &str,
+        rules: &ruleset::SandboxRules<'_>,
     ) -> anyhow::Result<apply::Loading> {
         let mut script = antispoof::antispoof_ruleset(&self.id, &self.addressing);
         script.push('\n');
-        script.push_str(rules);
+        script.push_str(&ruleset::sandbox_ruleset(rules));
+        // From here on, the teardown removes them: submitted, they may be in.
+        let _ = self.objects.set(ruleset::objects_of(rules));
         Ok(nft.submit(
             &script,
             &format!(
-                "create nft tables {} (its rules, and anti-spoofing on its link)",
-                self.id.table()
+                "create the rules of sandbox {} (in table inet {SHARED_TABLE}, and \
+                 anti-spoofing on its link)",
+                self.id
             ),
         )?)
     }
@@ -349,6 +405,7 @@ impl Sandbox {
             netlink,
             conntrack: None,
             inbound: true,
+            objects: std::sync::OnceLock::new(),
             netns_gone: false,
             torn_down: false,
         })
@@ -376,8 +433,9 @@ impl Sandbox {
         addresses_of(&self.addressing).to_vec()
     }
 
-    /// Removes the table (egress ends), the link, the conntrack entries of its flows, the
-    /// record; restores host settings when it was the last sandbox. Returns every error met,
+    /// Removes its rules (egress ends), the link, the conntrack entries of its flows, the
+    /// record; restores host settings and deletes the shared table when it was the last
+    /// sandbox. Returns every error met,
     /// not just the first.
     pub fn teardown(&mut self) -> Vec<String> {
         if self.torn_down {
@@ -401,13 +459,12 @@ impl Sandbox {
         // Runs one after another take the same addresses (`addrpool`), so a flow this skips
         // by mistake would be the next run's to use: a counter must see every new flow the
         // sandbox can start, and `inbound` must be set whenever anything can connect to it.
-        let table = self.id.table();
         let opened = |counter| {
             self.inbound
                 || !self.netns_gone
                 || self
                     .netlink
-                    .counter_packets(&table, counter)
+                    .counter_packets(SHARED_TABLE, &self.id.object(counter))
                     .map_or(true, |n| n > 0)
         };
         let [addr4, addr6] = addresses_of(&self.addressing);
@@ -415,9 +472,9 @@ impl Sandbox {
             .into_iter()
             .filter_map(|(counter, addr)| opened(counter).then_some(addr))
             .collect();
-        // Over the netlink socket already open (no process to start at exit); `nft` only
-        // where that fails, so teardown never hangs on a single path.
-        errors.extend(delete_table(&self.netlink, Family::Inet, &self.id.table()));
+        // Over the netlink socket already open (no process to start at exit): its part of the
+        // shared table, at once; where that fails, whatever of it is there, one by one.
+        errors.extend(self.remove_shared_objects());
         // Then the anti-spoofing table.
         errors.extend(delete_table(
             &self.netlink,
@@ -441,7 +498,7 @@ impl Sandbox {
             self.forget_flows(&flows_of)
         };
         match forgotten {
-            Ok(_) => forget_run(&self.state, &self.id, &mut self.lease),
+            Ok(_) => forget_run(&self.state, &self.id, &mut self.lease, &self.netlink),
             Err(e) => {
                 errors.push(format!(
                     "delete the conntrack entries of its flows: {e} (its addresses stay \
@@ -451,6 +508,25 @@ impl Sandbox {
             }
         }
         errors
+    }
+
+    /// Removes what the sandbox has in the shared table; the error, if something may be left.
+    fn remove_shared_objects(&self) -> Option<String> {
+        let exact = match self.objects.get() {
+            Some(o) => self.netlink.remove_objects(o),
+            // A daemon's adopted sandbox: what it published is not known here.
+            None => Err(portcullis_kernel::Error::Other("not known".into())),
+        };
+        let Err(e) = exact else {
+            return None;
+        };
+        let bridge = self.network.as_ref().map(|n| n.bridge.as_str());
+        let possible = possible_objects(&self.id, &self.addressing, bridge);
+        match self.netlink.remove_objects_present(&possible) {
+            Ok(_) => None,
+            Err(e2) if self.objects.get().is_some() => Some(format!("{e}; then {e2}")),
+            Err(e2) => Some(e2.to_string()),
+        }
     }
 
     /// Deletes the conntrack entries of the flows of `addrs` (the sandbox's), on a socket
@@ -473,8 +549,14 @@ fn addresses_of(a: &ruleset::Addressing) -> [IpAddr; 2] {
 
 /// The end of every run's teardown, a sandbox's or host mode's: the record goes, and when no
 /// live run is left in the namespace, the host's forwarding settings are restored and the
-/// state directory removed. Takes the global lock.
-pub(crate) fn forget_run(state: &StateDir, id: &SandboxId, lease: &mut Option<Lease>) {
+/// state directory removed, and the shared table deleted (over `netlink`). Takes the global
+/// lock.
+pub(crate) fn forget_run(
+    state: &StateDir,
+    id: &SandboxId,
+    lease: &mut Option<Lease>,
+    netlink: &NetlinkSetWriter,
+) {
     let lock = state.lock();
     state.remove(id);
     *lease = None;
@@ -484,6 +566,7 @@ pub(crate) fn forget_run(state: &StateDir, id: &SandboxId, lease: &mut Option<Le
         .unwrap_or(true);
     if !others {
         let mut notes = Vec::new();
+        delete_shared_table(Some(netlink), &mut notes);
         restore_host(state, &mut notes);
         state.remove_if_empty();
     }

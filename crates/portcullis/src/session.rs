@@ -12,12 +12,12 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use anyhow::Context as _;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use portcullis_kernel::names::{COUNTER_BLOCKED, COUNTER_SPOOFED, NetworkName, SandboxId};
-use portcullis_kernel::nflog::{BlockedPacket, NflogGroup};
-use portcullis_kernel::nft::ruleset::{
-    Publish, RelayPorts, SandboxRules, StaticAllow, sandbox_ruleset,
+use portcullis_kernel::names::{
+    COUNTER_BLOCKED, COUNTER_SPOOFED, NetworkName, SHARED_TABLE, SandboxId,
 };
-use portcullis_kernel::nft::sets::{NetlinkSetWriter, SetWriter};
+use portcullis_kernel::nflog::{BlockedPacket, NflogGroup};
+use portcullis_kernel::nft::ruleset::{Publish, RelayPorts, SandboxRules, StaticAllow};
+use portcullis_kernel::nft::sets::{NetlinkSetWriter, SetWriter, SetsAt};
 use portcullis_kernel::nft::{Family, apply};
 use portcullis_kernel::process::{Credentials, Helper, InitSpec, wait_signal};
 use portcullis_kernel::state::StateDir;
@@ -279,7 +279,7 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     let lost = nflog.lost_counter();
     sandbox.record_nflog_group(nflog.group).code(FAILED)?;
     let statics = statics(&policy);
-    let rules = sandbox_ruleset(&SandboxRules {
+    let rules = SandboxRules {
         id: &id,
         addressing: &a,
         relay: ports,
@@ -288,7 +288,7 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
         learn: learn.is_some(),
         publish: &publish,
         bridge: sandbox.network.as_ref().map(|n| n.bridge.as_str()),
-    });
+    };
     if publish.iter().any(Publish::from_loopback4) {
         // Connections from the host's 127.0.0.1, DNATed to the sandbox, may leave through its
         // link only with this; the link, and the setting, go with the sandbox. On a network
@@ -324,7 +324,7 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
     .with_context(|| format!("write {}", resolv_path.display()))
     .code(FAILED)?;
 
-    let mut ctx = SandboxCtx::new(id.table(), sandbox.peers(), policy, writer);
+    let mut ctx = SandboxCtx::new(SetsAt::sandbox(&id), sandbox.peers(), policy, writer);
     if let Some(observer) = learn {
         ctx = ctx.learning(observer);
     }
@@ -356,7 +356,7 @@ pub fn execute(spec: Spec, state_dir: Option<PathBuf>) -> Result<Finished, Failu
 
     // CMD is gone: read what the kernel counted before the table goes, then tear down.
     let blocked = netlink
-        .counter_packets(&id.table(), COUNTER_BLOCKED)
+        .counter_packets(SHARED_TABLE, &id.object(COUNTER_BLOCKED))
         .unwrap_or(0);
     let spoofed = netlink
         .family_counter_packets(Family::Netdev, &id.table(), COUNTER_SPOOFED)

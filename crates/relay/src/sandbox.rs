@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, ResponseCode};
-use portcullis_kernel::nft::sets::{Element, ElementKey, SetWriter};
+use portcullis_kernel::nft::sets::{Element, ElementKey, SetWriter, SetsAt};
 use portcullis_policy::{Access, Decision, DomainName, Policy};
 use serde::{Deserialize, Serialize};
 
@@ -182,8 +182,8 @@ pub trait DecisionSink: Send + Sync + std::fmt::Debug {
 /// One sandbox, as the relay serves it.
 #[derive(Debug)]
 pub struct SandboxCtx {
-    /// The nft table holding the sandbox's sets.
-    pub table: String,
+    /// Where the sandbox's sets are.
+    pub sets: SetsAt,
     /// Source addresses the sandbox may query from.
     pub peers: Vec<IpAddr>,
     policy: RwLock<Versioned>,
@@ -197,7 +197,7 @@ pub struct SandboxCtx {
     observer: Option<Arc<dyn QueryObserver>>,
     /// Told of every decision (a daemon's event stream).
     decisions: Option<Arc<dyn DecisionSink>>,
-    /// How logs and the tap name this sandbox (by default, its table).
+    /// How logs and the tap name this sandbox (by default, its table: `portcullis_<id>`).
     label: String,
     /// Sees every message the relay receives and sends for this sandbox (dnstap).
     tap: Option<Arc<dyn DnsTap>>,
@@ -247,11 +247,15 @@ fn shown(name: &hickory_proto::rr::Name) -> String {
 
 impl SandboxCtx {
     pub fn new(
-        table: String,
+        sets: SetsAt,
         peers: Vec<IpAddr>,
         policy: Arc<Policy>,
         writer: Arc<dyn SetWriter>,
     ) -> Self {
+        let label = match &sets.owner {
+            Some(id) => id.table(),
+            None => sets.table.clone(),
+        };
         SandboxCtx {
             peers,
             policy: RwLock::new(Versioned {
@@ -265,9 +269,9 @@ impl SandboxCtx {
             cache: Arc::default(),
             observer: None,
             decisions: None,
-            label: table.clone(),
+            label,
             tap: None,
-            table,
+            sets,
         }
     }
 
@@ -691,7 +695,7 @@ impl SandboxCtx {
         if elements.is_empty() {
             return Ok(());
         }
-        self.writer.add(&self.table, &elements)?;
+        self.writer.add(&self.sets, &elements)?;
         let mut expiry = self.expiry()?;
         let (policy, generation) = self.versioned();
         if generation != o.generation {
@@ -746,13 +750,13 @@ impl SandboxCtx {
                     ),
                 })
                 .collect();
-            self.writer.add(&self.table, &keep)?;
+            self.writer.add(&self.sets, &keep)?;
             for e in &keep {
                 record(expiry, e.key, now + e.timeout, name, now);
             }
         }
         if !stale.is_empty() {
-            self.writer.remove(&self.table, &stale)?;
+            self.writer.remove(&self.sets, &stale)?;
         }
         if granted.is_some() && rest.is_empty() {
             // Still granted all it wrote: the answer may go.
@@ -872,14 +876,14 @@ impl SandboxCtx {
                 })
                 .collect()
         };
-        let narrowing_ok = match self.writer.add(&self.table, &additions) {
+        let narrowing_ok = match self.writer.add(&self.sets, &additions) {
             Ok(()) => true,
             Err(e) => {
-                tracing::warn!(target: "portcullis::dns", table = %self.table, error = %e, "policy swap: could not add the narrowed elements");
+                tracing::warn!(target: "portcullis::dns", sets = %self.sets, error = %e, "policy swap: could not add the narrowed elements");
                 false
             }
         };
-        self.writer.remove(&self.table, &revoked)?;
+        self.writer.remove(&self.sets, &revoked)?;
         for k in &revoked {
             expiry.remove(k);
         }
@@ -950,7 +954,7 @@ impl SandboxCtx {
                 })
                 .collect();
             if !elements.is_empty() {
-                self.writer.add(&self.table, &elements)?;
+                self.writer.add(&self.sets, &elements)?;
             }
         }
         for s in saved {
@@ -1060,7 +1064,7 @@ mod tests {
     }
 
     impl SetWriter for Recorder {
-        fn add(&self, _table: &str, elements: &[Element]) -> portcullis_kernel::Result<()> {
+        fn add(&self, _at: &SetsAt, elements: &[Element]) -> portcullis_kernel::Result<()> {
             if self.fail.load(Ordering::SeqCst) {
                 return Err(portcullis_kernel::Error::Other("set is full".into()));
             }
@@ -1076,7 +1080,7 @@ mod tests {
             Ok(())
         }
 
-        fn remove(&self, _table: &str, keys: &[ElementKey]) -> portcullis_kernel::Result<()> {
+        fn remove(&self, _at: &SetsAt, keys: &[ElementKey]) -> portcullis_kernel::Result<()> {
             self.removals.lock().unwrap().push(keys.to_vec());
             let mut live = self.live.lock().unwrap();
             for k in keys {
@@ -1154,7 +1158,7 @@ mod tests {
         let up = fake_upstream(ttl.clone(), seen.clone(), answer_with.clone()).await;
         let writer = Arc::new(Recorder::default());
         let ctx = SandboxCtx::new(
-            "portcullis_0a1b2c3d".into(),
+            SetsAt::table("portcullis_0a1b2c3d"),
             vec![],
             Arc::new(policy),
             writer.clone(),
@@ -1341,7 +1345,7 @@ mod tests {
     async fn an_unreachable_upstream_is_a_prompt_servfail() {
         let policy = allow(&["ok.test"]);
         let writer = Arc::new(Recorder::default());
-        let ctx = SandboxCtx::new("t".into(), vec![], Arc::new(policy), writer);
+        let ctx = SandboxCtx::new(SetsAt::table("t"), vec![], Arc::new(policy), writer);
         // A bound socket that never answers: the attempt times out.
         let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let cfg = RelayConfig {
@@ -1487,7 +1491,7 @@ mod tests {
     async fn racing(policy: Policy, swap_to: Policy) -> (Arc<SandboxCtx>, Setup) {
         let s = setup(policy).await;
         let ctx = Arc::new(SandboxCtx::new(
-            "portcullis_0a1b2c3d".into(),
+            SetsAt::table("portcullis_0a1b2c3d"),
             vec![],
             s.ctx.policy(),
             s.writer.clone(),
@@ -1552,7 +1556,7 @@ mod tests {
 
         let writer = Arc::new(Recorder::default());
         let ctx = SandboxCtx::new(
-            "portcullis_0a1b2c3d".into(),
+            SetsAt::table("portcullis_0a1b2c3d"),
             vec![],
             Arc::new(allow(&["a.test", "b.test", "c.test"])),
             writer.clone(),
@@ -1560,7 +1564,7 @@ mod tests {
         ctx.restore(back.clone(), false).unwrap();
         assert!(writer.batches.lock().unwrap().is_empty(), "nothing written");
         let again = SandboxCtx::new(
-            "portcullis_0a1b2c3d".into(),
+            SetsAt::table("portcullis_0a1b2c3d"),
             vec![],
             Arc::new(allow(&["a.test", "b.test", "c.test"])),
             writer.clone(),

@@ -112,7 +112,7 @@ pub fn host_ruleset(r: &HostRules<'_>) -> String {
              \t\tip6 daddr ::1 tcp dport {t6} ct status dnat accept\n"
         );
     }
-    let statics = static_accepts(r.statics);
+    let statics = static_accepts(r.statics, "accept");
     // An attached namespace's loopback is its own (its services talking to each other), and
     // it may route for namespaces nested in it: their new flows are filtered alike.
     let (output, forward) = match r.selector {
@@ -168,7 +168,7 @@ pub fn host_ruleset(r: &HostRules<'_>) -> String {
 }}
 "#,
         g = r.nflog_group,
-        sets = set_declarations(),
+        sets = set_declarations(None),
     )
 }
 

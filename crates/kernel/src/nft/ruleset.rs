@@ -1,10 +1,17 @@
-//! The nftables ruleset of one sandbox, as `nft -f` text. Pure: no I/O, tested without root.
+//! The nftables ruleset of the sandboxes, as `nft -f` text. Pure: no I/O, tested without root.
 //!
-//! One table per sandbox (`inet portcullis_<id>`) in the invoking namespace holds everything:
-//! the dynamic allow sets, the DNS redirect to the relay, the egress filter, the host-input
-//! guard and the masquerade. Deleting the table removes the sandbox's whole data plane at once.
+//! Every sandbox of a namespace lives in one shared table (`inet portcullis_sandboxes`): one
+//! base chain per hook (forward, input, output, the DNS redirect, source NAT) dispatches each
+//! packet through maps keyed on its link (on a named network, its bridge and address) to the
+//! chains of the one sandbox it concerns. A table per sandbox, with base chains of its own,
+//! would make every packet of the host run through every sandbox's chains: with 100
+//! sandboxes, everyone's new connections/s fell to 0.29x (docs/benchmarks.md).
+//!
+//! A sandbox's chains, sets and counters are named after it (`egress_<id>`, `allow4_<id>`);
+//! its set-up adds them and its elements in one transaction, and [`sandbox_objects`] lists
+//! what its teardown removes. The shared table goes with the last sandbox.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
@@ -12,7 +19,7 @@ use portcullis_policy::Protocol;
 
 use crate::names::{
     COUNTER_BLOCKED, COUNTER_OPENED4, COUNTER_OPENED6, GLOBAL_TABLE, IF_PREFIX, SET_ALLOW4,
-    SET_ALLOW4_PORT, SET_ALLOW6, SET_ALLOW6_PORT, SandboxId,
+    SET_ALLOW4_PORT, SET_ALLOW6, SET_ALLOW6_PORT, SHARED_TABLE, SandboxId,
 };
 
 /// Maximum elements per dynamic set (the benchmark fills 1M).
@@ -103,129 +110,93 @@ pub struct SandboxRules<'a> {
 /// touched.
 pub const LEARN_CT_BIT: u32 = 0x0010_0000;
 
-/// The `nft -f` script creating the sandbox's table. Adding it is one atomic transaction.
+/// The `nft -f` script that gives the sandbox its chains, sets and counters in the shared
+/// table (creating the table if need be) and adds its elements to the dispatch maps: one
+/// atomic transaction. Its chains are reached only through those elements, so a packet of
+/// another sandbox, or of the host, never runs through them.
 pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
-    let table = r.id.table();
-    let ifname = r.id.host_ifname();
+    let id = r.id;
     let a = r.addressing;
     let p = r.relay;
-    // On a network, the sandbox's packets enter on the bridge; anti-spoofing at its port
-    // guarantees their source addresses, which tell it from the other sandboxes there.
-    let dev = r.bridge.map_or_else(|| ifname.clone(), str::to_owned);
-    let ll = r.id.sandbox_link_local();
-    let (sel4, sel6) = match r.bridge {
-        Some(_) => (
-            format!(" ip saddr {}", a.sandbox4),
-            format!(" ip6 saddr {}", a.sandbox6),
-        ),
-        None => (String::new(), String::new()),
-    };
-    let others_in = match r.bridge {
-        Some(_) => format!(
-            "\t\t# Another sandbox of the network: its own table decides.\n\
-             \t\tmeta nfproto ipv4 ip saddr != {s4} return\n\
-             \t\tmeta nfproto ipv6 ip6 saddr != {{ {s6}, {ll} }} return\n",
-            s4 = a.sandbox4,
-            s6 = a.sandbox6,
-        ),
+    let o = |base: &str| id.object(base);
+    let (blocked, opened4, opened6) = (o(COUNTER_BLOCKED), o(COUNTER_OPENED4), o(COUNTER_OPENED6));
+    let objects = objects_of(r);
+    // What reaches the sandbox from elsewhere: on a network, new flows from another sandbox
+    // of it, which that sandbox's own egress chain has already allowed (a drop there is
+    // final); published ports; nothing else (replies were accepted before the dispatch).
+    let from_peers = match r.bridge {
+        Some(br) => format!("\t\tiifname \"{br}\" accept\n"),
         None => String::new(),
     };
-    let others_out = match r.bridge {
-        Some(_) => format!(
-            "\t\tmeta nfproto ipv4 ip daddr != {s4} return\n\
-             \t\tmeta nfproto ipv6 ip6 daddr != {{ {s6}, {ll} }} return\n",
-            s4 = a.sandbox4,
-            s6 = a.sandbox6,
-        ),
-        None => String::new(),
-    };
-    let forward = match r.bridge {
-        None => format!(
-            "\t\tiifname \"{ifname}\" jump egress\n\
-             \t\toifname \"{ifname}\" ct state established,related accept\n\
-             {publish}\t\toifname \"{ifname}\" counter name {COUNTER_BLOCKED} drop\n",
-            publish = publish_accepts(r),
-        ),
-        // Towards the sandbox: replies, and new flows from another sandbox of the network,
-        // which that sandbox's own egress chain has already allowed (a drop there is final).
-        Some(br) => format!(
-            "\t\tiifname \"{br}\"{sel4} jump egress\n\
-             \t\tiifname \"{br}\"{sel6} jump egress\n\
-             \t\toifname \"{br}\" ip daddr {s4} ct state established,related accept\n\
-             \t\toifname \"{br}\" ip6 daddr {s6} ct state established,related accept\n\
-             \t\toifname \"{br}\" iifname \"{br}\" ip daddr {s4} accept\n\
-             \t\toifname \"{br}\" iifname \"{br}\" ip6 daddr {s6} accept\n\
-             {publish}\t\toifname \"{br}\" ip daddr {s4} counter name {COUNTER_BLOCKED} drop\n\
-             \t\toifname \"{br}\" ip6 daddr {s6} counter name {COUNTER_BLOCKED} drop\n",
-            s4 = a.sandbox4,
-            s6 = a.sandbox6,
-            publish = publish_accepts(r),
-        ),
-    };
-    let mut s = String::with_capacity(4096);
+    let mut s = shared_skeleton();
     let _ = write!(
         s,
-        r#"table inet {table} {{
-{sets}	counter {COUNTER_OPENED4} {{ }}
-	counter {COUNTER_OPENED6} {{ }}
+        r#"table inet {SHARED_TABLE} {{
+{sets}	counter {opened4} {{ }}
+	counter {opened6} {{ }}
 
-	# Every DNS packet of the sandbox, whatever its destination, goes to the relay.
-	chain dns_redirect {{
-		type nat hook prerouting priority dstnat - 10; policy accept;
-		iifname "{dev}"{sel4} meta nfproto ipv4 udp dport 53 dnat ip to {h4}:{u4}
-		iifname "{dev}"{sel4} meta nfproto ipv4 tcp dport 53 dnat ip to {h4}:{t4}
-		iifname "{dev}"{sel6} meta nfproto ipv6 udp dport 53 dnat ip6 to [{h6}]:{u6}
-		iifname "{dev}"{sel6} meta nfproto ipv6 tcp dport 53 dnat ip6 to [{h6}]:{t6}
+	chain {dns} {{
+		meta nfproto ipv4 udp dport 53 dnat ip to {h4}:{u4}
+		meta nfproto ipv4 tcp dport 53 dnat ip to {h4}:{t4}
+		meta nfproto ipv6 udp dport 53 dnat ip6 to [{h6}]:{u6}
+		meta nfproto ipv6 tcp dport 53 dnat ip6 to [{h6}]:{t6}
 	}}
 
-	# From the sandbox, the host accepts the relay's ports and neighbour discovery only.
-	chain host_input {{
-		type filter hook input priority filter; policy accept;
-		iifname != "{dev}" return
+	chain {input} {{
 		# The sandbox kernel's own link chatter (router solicitations, MLD reports; CMD has no
 		# raw sockets to send them) is no flow of CMD's: dropped without counting or logging.
 		icmpv6 type {{ nd-router-solicit, mld-listener-report, mld2-listener-report }} drop
-{others_in}		# New flows are counted: a run that started none left no conntrack entry behind.
-		ct state new meta nfproto ipv4 counter name {COUNTER_OPENED4}
-		ct state new meta nfproto ipv6 counter name {COUNTER_OPENED6}
-		meta nfproto ipv4 ip saddr != {s4} counter name {COUNTER_BLOCKED} drop
-		meta nfproto ipv6 ip6 saddr != {{ {s6}, fe80::/10 }} counter name {COUNTER_BLOCKED} drop
+		# New flows are counted: a run that started none left no conntrack entry behind.
+		ct state new meta nfproto ipv4 counter name {opened4}
+		ct state new meta nfproto ipv6 counter name {opened6}
+		meta nfproto ipv4 ip saddr != {s4} counter name {blocked} drop
+		meta nfproto ipv6 ip6 saddr != {{ {s6}, fe80::/10 }} counter name {blocked} drop
 		ct state established,related accept
 		ip daddr {h4} udp dport {u4} accept
 		ip daddr {h4} tcp dport {t4} accept
 		ip6 daddr {h6} udp dport {u6} accept
 		ip6 daddr {h6} tcp dport {t6} accept
 		icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept
-{host_log}		counter name {COUNTER_BLOCKED} drop
+{host_log}		counter name {blocked} drop
 	}}
 
-	chain forward {{
-		type filter hook forward priority filter; policy accept;
-{forward}	}}
+	chain {to} {{
+{from_peers}{publish_forward}		counter name {blocked} drop
+	}}
 
-	# From the host itself, the sandbox takes replies, neighbour discovery and published
-	# ports only. Nothing here is CMD's doing: the drops are not counted as blocked.
-	chain host_output {{
-		type filter hook output priority filter; policy accept;
-		oifname != "{dev}" return
-{others_out}		ct state established,related accept
+	# Nothing here is CMD's doing: the drops are not counted as blocked.
+	chain {output} {{
+		ct state established,related accept
 		icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept
 {publish_forward}		counter drop
 	}}
 {publish_nat}
-	# Egress: replies, then what DNS answers and CIDR rules opened; the rest is logged and dropped.
-	# Running flows are accepted first: the one rule most packets meet.
-	chain egress {{
-		ct state established,related accept
-		ct state new meta nfproto ipv4 counter name {COUNTER_OPENED4}
-		ct state new meta nfproto ipv6 counter name {COUNTER_OPENED6}
-		meta nfproto ipv4 ip saddr != {s4} counter name {COUNTER_BLOCKED} drop
-		meta nfproto ipv6 ip6 saddr != {s6} counter name {COUNTER_BLOCKED} drop
-{learn}		ip daddr @{SET_ALLOW4} accept
-		ip6 daddr @{SET_ALLOW6} accept
-		meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @{SET_ALLOW4_PORT} accept
-		meta l4proto {{ tcp, udp }} ip6 daddr . meta l4proto . th dport @{SET_ALLOW6_PORT} accept
+	# Egress: what DNS answers and CIDR rules opened returns (the chain of the sandbox it goes
+	# to, if any, has its say too); the rest is logged and dropped.
+	chain {egress} {{
+		ct state new meta nfproto ipv4 counter name {opened4}
+		ct state new meta nfproto ipv6 counter name {opened6}
+		meta nfproto ipv4 ip saddr != {s4} counter name {blocked} drop
+		meta nfproto ipv6 ip6 saddr != {s6} counter name {blocked} drop
+{learn}		ip daddr @{allow4} return
+		ip6 daddr @{allow6} return
+		meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @{allow4p} return
+		meta l4proto {{ tcp, udp }} ip6 daddr . meta l4proto . th dport @{allow6p} return
+{statics}		limit rate {LOG_RATE_PER_SECOND}/second burst {LOG_BURST} packets log group {g}
+		counter name {blocked} drop
+	}}
+}}
 "#,
+        sets = set_declarations(Some(id)),
+        dns = o("dns"),
+        input = o("input"),
+        to = o("to"),
+        output = o("output"),
+        egress = o("egress"),
+        allow4 = o(SET_ALLOW4),
+        allow6 = o(SET_ALLOW6),
+        allow4p = o(SET_ALLOW4_PORT),
+        allow6p = o(SET_ALLOW6_PORT),
         h4 = a.host4,
         h6 = a.host6,
         s4 = a.sandbox4,
@@ -234,8 +205,10 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
         t4 = p.tcp4,
         u6 = p.udp6,
         t6 = p.tcp6,
+        g = r.nflog_group,
         publish_forward = publish_accepts(r),
         publish_nat = publish_nat(r),
+        statics = static_accepts(r.statics, "return"),
         // A learning sandbox's group carries its flows only: what the host drops is no
         // destination a policy could allow.
         host_log = if r.learn {
@@ -246,51 +219,333 @@ pub fn sandbox_ruleset(r: &SandboxRules<'_>) -> String {
                 r.nflog_group
             )
         },
-        sets = set_declarations(),
         learn = if r.learn {
             format!(
                 "\t\t# Learning: every new flow is logged once, then let through.\n\
                  \t\tct mark and {LEARN_CT_BIT:#x} == 0 ct mark set ct mark or {LEARN_CT_BIT:#x} log group {g}\n\
-                 \t\taccept\n",
+                 \t\treturn\n",
                 g = r.nflog_group
             )
         } else {
             String::new()
         },
     );
-    s.push_str(&static_accepts(r.statics));
+    for e in &objects.elements {
+        let key = e
+            .key
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" . ");
+        let data = e
+            .jump
+            .as_ref()
+            .map(|c| format!(" : jump {c}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "add element inet {SHARED_TABLE} {} {{ {key}{data} }}",
+            e.set
+        );
+    }
+    s
+}
+
+/// What the sandbox of `r` owns in the shared table.
+pub fn objects_of(r: &SandboxRules<'_>) -> SandboxObjects {
+    sandbox_objects(
+        r.id,
+        r.addressing,
+        r.bridge,
+        !r.publish.is_empty(),
+        r.publish.iter().any(Publish::from_loopback4),
+    )
+}
+
+/// The `nft -f` script removing what the sandbox owns in the shared table (a `run` without
+/// netlink, and tests): its elements first, so that nothing jumps to its chains any more.
+pub fn teardown_script(objects: &SandboxObjects) -> String {
+    let mut s = String::new();
+    for e in &objects.elements {
+        let key = e
+            .key
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" . ");
+        let _ = writeln!(
+            s,
+            "delete element inet {SHARED_TABLE} {} {{ {key} }}",
+            e.set
+        );
+    }
+    for c in &objects.chains {
+        let _ = writeln!(s, "flush chain inet {SHARED_TABLE} {c}");
+    }
+    for c in &objects.chains {
+        let _ = writeln!(s, "delete chain inet {SHARED_TABLE} {c}");
+    }
+    for set in &objects.sets {
+        let _ = writeln!(s, "delete set inet {SHARED_TABLE} {set}");
+    }
+    for c in &objects.counters {
+        let _ = writeln!(s, "delete counter inet {SHARED_TABLE} {c}");
+    }
+    s
+}
+
+/// The shared table's dispatch maps and address sets, each with its key type: a sandbox adds
+/// its elements at set-up and removes them at teardown. Maps ending in 4 or 6 key a sandbox of
+/// a named network on its bridge and one of its addresses; the others key it on its own link.
+pub const SHARED_MAPS: [(&str, &str); 19] = [
+    ("forward_from", "ifname : verdict"),
+    ("forward_from4", "ifname . ipv4_addr : verdict"),
+    ("forward_from6", "ifname . ipv6_addr : verdict"),
+    ("forward_to", "ifname : verdict"),
+    ("forward_to4", "ifname . ipv4_addr : verdict"),
+    ("forward_to6", "ifname . ipv6_addr : verdict"),
+    ("input_from", "ifname : verdict"),
+    ("input_from4", "ifname . ipv4_addr : verdict"),
+    ("input_from6", "ifname . ipv6_addr : verdict"),
+    ("output_to", "ifname : verdict"),
+    ("output_to4", "ifname . ipv4_addr : verdict"),
+    ("output_to6", "ifname . ipv6_addr : verdict"),
+    ("dns_from", "ifname : verdict"),
+    ("dns_from4", "ifname . ipv4_addr : verdict"),
+    ("dns_from6", "ifname . ipv6_addr : verdict"),
+    // Source NAT: a sandbox's addresses, and the same with its own link (no NAT back onto it).
+    ("masquerade4", "ipv4_addr"),
+    ("masquerade6", "ipv6_addr"),
+    ("own_link4", "ipv4_addr . ifname"),
+    ("own_link6", "ipv6_addr . ifname"),
+];
+/// Published from the host's loopback: the sandbox's link and address (see `source_nat`).
+const LOOPBACK_NAT: (&str, &str) = ("loopback_nat", "ifname . ipv4_addr");
+
+/// One part of an element's key in the shared table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyPart {
+    Ifname(String),
+    Addr(IpAddr),
+}
+
+impl fmt::Display for KeyPart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyPart::Ifname(n) => write!(f, "\"{n}\""),
+            KeyPart::Addr(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// One element a sandbox puts in a map or set of the shared table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedElement {
+    pub set: &'static str,
+    pub key: Vec<KeyPart>,
+    /// For a map: the sandbox's chain it jumps to (its full name).
+    pub jump: Option<String>,
+}
+
+/// Everything one sandbox owns in the shared table, in the order its teardown removes it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SandboxObjects {
+    pub elements: Vec<SharedElement>,
+    pub chains: Vec<String>,
+    pub sets: Vec<String>,
+    pub counters: Vec<String>,
+}
+
+/// The chains a sandbox has in the shared table, before its id is appended.
+const CHAINS: [&str; 5] = ["egress", "to", "input", "output", "dns"];
+/// The base chains a sandbox that publishes ports adds (DNAT from elsewhere and from the host).
+const PUBLISH_CHAINS: [&str; 2] = ["publish_in", "publish_local"];
+const SETS: [&str; 4] = [SET_ALLOW4, SET_ALLOW6, SET_ALLOW4_PORT, SET_ALLOW6_PORT];
+const COUNTERS: [&str; 3] = [COUNTER_BLOCKED, COUNTER_OPENED4, COUNTER_OPENED6];
+
+/// What sandbox `id` owns in the shared table, with `addressing`, on `bridge` (a named
+/// network) or its own link. `published`: it publishes ports; `loopback`: from the host's
+/// IPv4 loopback too. The one list both its set-up and its teardown are written from.
+pub fn sandbox_objects(
+    id: &SandboxId,
+    a: &Addressing,
+    bridge: Option<&str>,
+    published: bool,
+    loopback: bool,
+) -> SandboxObjects {
+    let dev = bridge.map_or_else(|| id.host_ifname(), str::to_owned);
+    let ifname = || KeyPart::Ifname(dev.clone());
+    let (s4, s6) = (
+        KeyPart::Addr(a.sandbox4.into()),
+        KeyPart::Addr(a.sandbox6.into()),
+    );
+    let ll = KeyPart::Addr(id.sandbox_link_local().into());
+    let jump = |set: &'static str, key: Vec<KeyPart>, chain: &str| SharedElement {
+        set,
+        key,
+        jump: Some(id.object(chain)),
+    };
+    let mut elements = Vec::new();
+    match bridge {
+        None => {
+            for (map, chain) in [
+                ("forward_from", "egress"),
+                ("forward_to", "to"),
+                ("input_from", "input"),
+                ("output_to", "output"),
+                ("dns_from", "dns"),
+            ] {
+                elements.push(jump(map, vec![ifname()], chain));
+            }
+        }
+        // On a network, its packets are told from the others' by its addresses; the host
+        // also talks to it, and it to the host, from its link-local address.
+        Some(_) => {
+            for (map, chain, link_local) in [
+                ("forward_from", "egress", false),
+                ("forward_to", "to", false),
+                ("input_from", "input", true),
+                ("output_to", "output", true),
+                ("dns_from", "dns", false),
+            ] {
+                let (m4, m6) = map_names(map);
+                elements.push(jump(m4, vec![ifname(), s4.clone()], chain));
+                elements.push(jump(m6, vec![ifname(), s6.clone()], chain));
+                if link_local {
+                    elements.push(jump(m6, vec![ifname(), ll.clone()], chain));
+                }
+            }
+        }
+    }
+    let plain = |set: &'static str, key: Vec<KeyPart>| SharedElement {
+        set,
+        key,
+        jump: None,
+    };
+    elements.push(plain("masquerade4", vec![s4.clone()]));
+    elements.push(plain("masquerade6", vec![s6.clone()]));
+    elements.push(plain("own_link4", vec![s4.clone(), ifname()]));
+    elements.push(plain("own_link6", vec![s6, ifname()]));
+    if loopback {
+        elements.push(plain(LOOPBACK_NAT.0, vec![ifname(), s4]));
+    }
+    let mut chains: Vec<String> = CHAINS.iter().map(|c| id.object(c)).collect();
+    if published {
+        chains.extend(PUBLISH_CHAINS.iter().map(|c| id.object(c)));
+    }
+    SandboxObjects {
+        elements,
+        chains,
+        sets: SETS.iter().map(|s| id.object(s)).collect(),
+        counters: COUNTERS.iter().map(|c| id.object(c)).collect(),
+    }
+}
+
+/// The IPv4 and IPv6 maps (a network's) of the own-link map `map`.
+fn map_names(map: &str) -> (&'static str, &'static str) {
+    let find = |suffix: &str| {
+        SHARED_MAPS
+            .iter()
+            .map(|(n, _)| *n)
+            .find(|n| n.strip_suffix(suffix) == Some(map))
+            .unwrap_or("")
+    };
+    (find("4"), find("6"))
+}
+
+/// The shared table's maps, sets and base chains, and the base chains' rules, as an
+/// idempotent script: every sandbox's set-up starts with it (it creates the table the first
+/// time, and otherwise writes the same rules anew, in the same transaction).
+pub fn shared_skeleton() -> String {
+    let mut s = format!("table inet {SHARED_TABLE} {{\n");
+    for (name, ty) in SHARED_MAPS.iter().chain([&LOOPBACK_NAT]) {
+        let kind = if ty.contains(": verdict") {
+            "map"
+        } else {
+            "set"
+        };
+        let _ = writeln!(s, "\t{kind} {name} {{ type {ty}; }}");
+    }
+    for (chain, hook) in SHARED_BASE_CHAINS {
+        let _ = writeln!(s, "\tchain {chain} {{ {hook} }}");
+    }
+    s.push_str("}\n");
+    for (chain, _) in SHARED_BASE_CHAINS {
+        let _ = writeln!(s, "flush chain inet {SHARED_TABLE} {chain}");
+    }
+    let dispatch = |dir: &str, prefix: &str| {
+        format!(
+            "\t\t{dir}name vmap @{prefix}\n\
+             \t\tmeta nfproto ipv4 {dir}name . ip {d}addr vmap @{prefix}4\n\
+             \t\tmeta nfproto ipv6 {dir}name . ip6 {d}addr vmap @{prefix}6\n",
+            d = if dir == "iif" { "s" } else { "d" },
+        )
+    };
     let _ = write!(
         s,
-        r#"		limit rate {LOG_RATE_PER_SECOND}/second burst {LOG_BURST} packets log group {g}
-		counter name {COUNTER_BLOCKED} drop
-	}}
+        r#"table inet {SHARED_TABLE} {{
+	# Running flows first, whoever's (the one rule most packets meet); then the sandbox the
+	# packet comes from, whose egress chain drops it or returns, then the one it goes to.
+	chain forward {{
+		ct state established,related accept
+{from}{to}	}}
 
+	# From a sandbox, the host accepts the relay's ports and neighbour discovery only.
+	chain input {{
+{input}	}}
+
+	# From the host itself, a sandbox takes replies, neighbour discovery and published ports.
+	chain output {{
+{output}	}}
+
+	# Every DNS packet of a sandbox, whatever its destination, goes to its relay.
+	chain dns {{
+{dns}	}}
+
+	# A sandbox's flows leave with the host's address, but onto its own link; so do the
+	# host's connections from 127.0.0.1 to a published port (the sandbox could not answer).
 	chain source_nat {{
-		type nat hook postrouting priority srcnat; policy accept;
-		oifname != "{dev}" ip saddr {s4} masquerade
-		oifname != "{dev}" ip6 saddr {s6} masquerade
-{loopback_nat}	}}
+		ip saddr . oifname @own_link4 return
+		ip6 saddr . oifname @own_link6 return
+		ip saddr @masquerade4 masquerade
+		ip6 saddr @masquerade6 masquerade
+		ip saddr 127.0.0.0/8 oifname . ip daddr @{loopback} masquerade
+	}}
 }}
 "#,
-        // A connection from the host's 127.0.0.1 to a published port leaves with the host
-        // side's address: the sandbox could not answer 127.0.0.1.
-        loopback_nat = if r.publish.iter().any(Publish::from_loopback4) {
-            match r.bridge {
-                None => format!("\t\toifname \"{ifname}\" ip saddr 127.0.0.0/8 masquerade\n"),
-                Some(br) => format!(
-                    "\t\toifname \"{br}\" ip saddr 127.0.0.0/8 ip daddr {} masquerade\n",
-                    a.sandbox4
-                ),
-            }
-        } else {
-            String::new()
-        },
-        g = r.nflog_group,
-        s4 = a.sandbox4,
-        s6 = a.sandbox6,
+        from = dispatch("iif", "forward_from"),
+        to = dispatch("oif", "forward_to"),
+        input = dispatch("iif", "input_from"),
+        output = dispatch("oif", "output_to"),
+        dns = dispatch("iif", "dns_from"),
+        loopback = LOOPBACK_NAT.0,
     );
     s
 }
+
+/// The shared table's base chains and their hooks.
+const SHARED_BASE_CHAINS: [(&str, &str); 5] = [
+    (
+        "forward",
+        "type filter hook forward priority filter; policy accept;",
+    ),
+    (
+        "input",
+        "type filter hook input priority filter; policy accept;",
+    ),
+    (
+        "output",
+        "type filter hook output priority filter; policy accept;",
+    ),
+    (
+        "dns",
+        "type nat hook prerouting priority dstnat - 10; policy accept;",
+    ),
+    (
+        "source_nat",
+        "type nat hook postrouting priority srcnat; policy accept;",
+    ),
+];
 
 /// A script that replaces the rules of every chain of `script` (a `sandbox_ruleset`) in the
 /// live table `table`, in one transaction: each chain is flushed and filled again, while the
@@ -310,20 +565,27 @@ pub fn replace_chains(script: &str, table: &str) -> String {
     s
 }
 
-/// The dynamic allow sets the relay writes and the `blocked` counter: the same in a
-/// sandbox's table and in a host-mode run's.
-pub(crate) fn set_declarations() -> String {
+/// The dynamic allow sets the relay writes and the `blocked` counter: the same in a host-mode
+/// run's table and, named after the sandbox (`Some(id)`), in the shared table.
+pub(crate) fn set_declarations(id: Option<&SandboxId>) -> String {
+    let n = |base: &str| id.map_or_else(|| base.to_owned(), |id| id.object(base));
     format!(
-        "\tset {SET_ALLOW4} {{ type ipv4_addr; flags timeout; size {SET_SIZE}; }}\n\
-         \tset {SET_ALLOW6} {{ type ipv6_addr; flags timeout; size {SET_SIZE}; }}\n\
-         \tset {SET_ALLOW4_PORT} {{ type ipv4_addr . inet_proto . inet_service; flags timeout; size {SET_SIZE}; }}\n\
-         \tset {SET_ALLOW6_PORT} {{ type ipv6_addr . inet_proto . inet_service; flags timeout; size {SET_SIZE}; }}\n\
-         \tcounter {COUNTER_BLOCKED} {{ }}\n"
+        "\tset {} {{ type ipv4_addr; flags timeout; size {SET_SIZE}; }}\n\
+         \tset {} {{ type ipv6_addr; flags timeout; size {SET_SIZE}; }}\n\
+         \tset {} {{ type ipv4_addr . inet_proto . inet_service; flags timeout; size {SET_SIZE}; }}\n\
+         \tset {} {{ type ipv6_addr . inet_proto . inet_service; flags timeout; size {SET_SIZE}; }}\n\
+         \tcounter {} {{ }}\n",
+        n(SET_ALLOW4),
+        n(SET_ALLOW6),
+        n(SET_ALLOW4_PORT),
+        n(SET_ALLOW6_PORT),
+        n(COUNTER_BLOCKED),
     )
 }
 
-/// `accept` rules for the destinations the policy's CIDR rules allow.
-pub(crate) fn static_accepts(statics: &[StaticAllow]) -> String {
+/// Rules ending in `verdict` (`accept`, or `return` in a sandbox's egress chain) for the
+/// destinations the policy's CIDR rules allow.
+pub(crate) fn static_accepts(statics: &[StaticAllow], verdict: &str) -> String {
     let mut s = String::new();
     for st in statics {
         let family = match st.net {
@@ -331,12 +593,12 @@ pub(crate) fn static_accepts(statics: &[StaticAllow]) -> String {
             IpNet::V6(_) => "ip6",
         };
         if st.ports.is_empty() {
-            let _ = writeln!(s, "\t\t{family} daddr {} accept", st.net);
+            let _ = writeln!(s, "\t\t{family} daddr {} {verdict}", st.net);
         }
         for (proto, port) in &st.ports {
             let _ = writeln!(
                 s,
-                "\t\t{family} daddr {} {proto} dport {port} accept",
+                "\t\t{family} daddr {} {proto} dport {port} {verdict}",
                 st.net
             );
         }
@@ -344,10 +606,9 @@ pub(crate) fn static_accepts(statics: &[StaticAllow]) -> String {
     s
 }
 
-/// `accept` rules for connections DNATed to a published port of the sandbox.
+/// `accept` rules for connections DNATed to a published port of the sandbox (in its chains
+/// that packets towards it are dispatched to).
 fn publish_accepts(r: &SandboxRules<'_>) -> String {
-    // On a network, the bridge; the destination address names the sandbox.
-    let ifname = r.bridge.map_or_else(|| r.id.host_ifname(), str::to_owned);
     let a = r.addressing;
     let mut s = String::new();
     for p in r.publish {
@@ -356,14 +617,14 @@ fn publish_accepts(r: &SandboxRules<'_>) -> String {
         if p.v4() {
             let _ = writeln!(
                 s,
-                "\t\toifname \"{ifname}\" ct status dnat ip daddr {} {proto} dport {port} accept",
+                "\t\tct status dnat ip daddr {} {proto} dport {port} accept",
                 a.sandbox4
             );
         }
         if p.v6() {
             let _ = writeln!(
                 s,
-                "\t\toifname \"{ifname}\" ct status dnat ip6 daddr {} {proto} dport {port} accept",
+                "\t\tct status dnat ip6 daddr {} {proto} dport {port} accept",
                 a.sandbox6
             );
         }
@@ -433,15 +694,17 @@ fn publish_nat(r: &SandboxRules<'_>) -> String {
     format!(
         r#"
 	# --publish: the host's ports to the sandbox's.
-	chain publish_in {{
+	chain {publish_in} {{
 		type nat hook prerouting priority dstnat; policy accept;
 		iifname "{IF_PREFIX}*" return
 {rules}	}}
 
-	chain publish_local {{
+	chain {publish_local} {{
 		type nat hook output priority -100; policy accept;
 {rules}{local}	}}
-"#
+"#,
+        publish_in = r.id.object("publish_in"),
+        publish_local = r.id.object("publish_local"),
     )
 }
 
@@ -527,6 +790,15 @@ mod tests {
         assert!(both.contains("meta nfproto ipv4 drop") && both.contains("meta nfproto ipv6 drop"));
     }
 
+    /// The text of chain `name` (its full name) in `script`, up to its closing brace.
+    fn chain<'a>(script: &'a str, name: &str) -> &'a str {
+        let start = script
+            .find(&format!("\tchain {name} {{\n"))
+            .unwrap_or_else(|| panic!("no chain {name} in {script}"));
+        let len = script[start..].find("\n\t}").unwrap();
+        &script[start..start + len]
+    }
+
     #[test]
     fn ruleset_names_everything_after_the_sandbox() {
         let id = SandboxId::parse("0a1b2c3d").unwrap();
@@ -546,11 +818,33 @@ mod tests {
             ..rules(&id, &a)
         });
         assert!(!text.contains("ct mark"));
-        assert!(text.starts_with("table inet portcullis_0a1b2c3d {"));
-        assert!(text.contains(r#"iifname "pc-0a1b2c3d-h" meta nfproto ipv4 udp dport 53 dnat ip to 203.0.113.129:1001"#));
-        assert!(text.contains("dnat ip6 to [2001:db8:fffe::1]:1004"));
-        assert!(text.contains("ip daddr 198.51.100.0/24 accept"));
-        assert!(text.contains("ip6 daddr 2001:db8::/48 tcp dport 443 accept"));
+        assert!(text.starts_with("table inet portcullis_sandboxes {"));
+        // Only the shared table's base chains are hooked; the sandbox's are reached through
+        // its elements, keyed on its link.
+        assert_eq!(text.matches("type filter hook").count(), 3, "{text}");
+        assert!(!text.contains("table inet portcullis_0a1b2c3d"));
+        for (map, chain) in [
+            ("forward_from", "egress"),
+            ("forward_to", "to"),
+            ("input_from", "input"),
+            ("output_to", "output"),
+            ("dns_from", "dns"),
+        ] {
+            let line = format!(
+                "add element inet portcullis_sandboxes {map} {{ \"pc-0a1b2c3d-h\" : jump {chain}_0a1b2c3d }}\n"
+            );
+            assert!(text.contains(&line), "{line}");
+        }
+        assert!(text.contains("masquerade4 { 203.0.113.130 }"));
+        assert!(text.contains("own_link6 { 2001:db8:fffe::2 . \"pc-0a1b2c3d-h\" }"));
+        let dns = chain(&text, "dns_0a1b2c3d");
+        assert!(dns.contains("meta nfproto ipv4 udp dport 53 dnat ip to 203.0.113.129:1001"));
+        assert!(dns.contains("dnat ip6 to [2001:db8:fffe::1]:1004"));
+        let egress = chain(&text, "egress_0a1b2c3d");
+        assert!(egress.contains("ip daddr 198.51.100.0/24 return"));
+        assert!(egress.contains("ip6 daddr 2001:db8::/48 tcp dport 443 return"));
+        assert!(egress.contains("ip daddr @allow4_0a1b2c3d return"));
+        assert!(!egress.contains("accept"), "{egress}");
         assert!(text.contains("log group 4242"));
         // Both logging rules take a burst as large as the rate: with nft's default of 5, a
         // CMD that tried many destinations at once had most of them missing from the report
@@ -561,19 +855,10 @@ mod tests {
             2
         );
         // The egress chain ends in the logged drop: nothing after it can accept.
-        let egress =
-            &text[text.find("chain egress").unwrap()..text.find("chain source_nat").unwrap()];
-        assert!(
-            egress
-                .trim_end()
-                .trim_end_matches('}')
-                .trim_end()
-                .ends_with("counter name blocked drop")
-        );
+        assert!(egress.ends_with("counter name blocked_0a1b2c3d drop"));
         // The sandbox kernel's router solicitations and MLD reports are dropped before any
         // rule counts or logs them: they are not CMD's flows.
-        let input =
-            &text[text.find("chain host_input").unwrap()..text.find("chain forward").unwrap()];
+        let input = chain(&text, "input_0a1b2c3d");
         let quiet = input.find("nd-router-solicit").unwrap();
         assert!(quiet < input.find("counter name blocked").unwrap());
         assert!(
@@ -581,6 +866,100 @@ mod tests {
                 "nd-router-solicit, mld-listener-report, mld2-listener-report } drop\n"
             )
         );
+        // Towards the sandbox from elsewhere: nothing new gets in.
+        assert_eq!(
+            chain(&text, "to_0a1b2c3d").trim(),
+            "chain to_0a1b2c3d {\n\t\tcounter name blocked_0a1b2c3d drop"
+        );
+    }
+
+    #[test]
+    fn the_shared_chains_accept_running_flows_first_and_let_both_ends_have_their_say() {
+        let s = shared_skeleton();
+        // Idempotent: declared empty, flushed, written anew, in every sandbox's transaction.
+        let flush = s
+            .find("flush chain inet portcullis_sandboxes forward\n")
+            .unwrap();
+        let rules = s.find("\t\tct state established,related accept\n").unwrap();
+        assert!(flush < rules);
+        let forward = chain(&s, "forward");
+        assert!(forward.trim_start().starts_with(
+            "chain forward {\n\t\tct state established,related accept\n\t\tiifname vmap @forward_from\n"
+        ));
+        // The sandbox it comes from, then the one it goes to: egress returns, not accepts.
+        assert!(forward.find("@forward_from6").unwrap() < forward.find("oifname vmap").unwrap());
+        assert!(forward.contains("meta nfproto ipv6 oifname . ip6 daddr vmap @forward_to6"));
+        let nat = chain(&s, "source_nat");
+        assert!(
+            nat.find("@own_link4 return").unwrap() < nat.find("@masquerade4 masquerade").unwrap()
+        );
+        for (name, ty) in SHARED_MAPS {
+            let kind = if ty.ends_with("verdict") {
+                "map"
+            } else {
+                "set"
+            };
+            assert!(
+                s.contains(&format!("\t{kind} {name} {{ type {ty}; }}\n")),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_teardown_removes_exactly_what_the_set_up_added() {
+        let id = SandboxId::parse("0a1b2c3d").unwrap();
+        let a = addressing();
+        let publish = [Publish {
+            host_addr: None,
+            host_port: 8080,
+            sandbox_port: 80,
+            protocol: Protocol::Tcp,
+        }];
+        for (bridge, publish) in [
+            (None, &publish[..0]),
+            (None, &publish[..]),
+            (Some("pc-n01234567"), &publish[..]),
+        ] {
+            let r = SandboxRules {
+                bridge,
+                publish,
+                ..rules(&id, &a)
+            };
+            let text = sandbox_ruleset(&r);
+            let down = teardown_script(&objects_of(&r));
+            let added: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("add element inet portcullis_sandboxes "))
+                .collect();
+            let deleted: Vec<&str> = down
+                .lines()
+                .filter_map(|l| l.strip_prefix("delete element inet portcullis_sandboxes "))
+                .collect();
+            assert_eq!(added.len(), deleted.len());
+            for (add, del) in added.iter().zip(&deleted) {
+                let key = add.split(" : jump ").next().unwrap().trim_end_matches(" }");
+                assert_eq!(key, del.trim_end_matches(" }"), "{add} / {del}");
+            }
+            // Every chain, set and counter named after it, and nothing else.
+            for line in text.lines().map(str::trim) {
+                for kind in ["chain", "set", "counter"] {
+                    if let Some(rest) = line.strip_prefix(&format!("{kind} "))
+                        && let Some(name) = rest.split(' ').next()
+                        && SandboxId::from_object(name).is_some()
+                    {
+                        assert!(
+                            down.contains(&format!(
+                                "delete {kind} inet portcullis_sandboxes {name}\n"
+                            )),
+                            "{name}"
+                        );
+                    }
+                }
+            }
+            assert!(!down.contains("forward_from4") || bridge.is_some());
+            assert!(!down.contains(" forward\n") && !down.contains("delete table"));
+        }
     }
 
     #[test]
@@ -591,19 +970,16 @@ mod tests {
             learn: true,
             ..rules(&id, &a)
         });
-        let egress =
-            &text[text.find("chain egress").unwrap()..text.find("chain source_nat").unwrap()];
+        let egress = chain(&text, "egress_0a1b2c3d");
         // Anti-spoofing still comes first; then the unlimited log of the first packet.
         let spoof = egress.find("ip6 saddr !=").unwrap();
         let log = egress
             .find("ct mark and 0x100000 == 0 ct mark set ct mark or 0x100000 log group 4242\n")
             .unwrap();
         assert!(spoof < log);
-        assert!(egress[log..].contains("\t\taccept\n"));
+        assert!(egress[log..].contains("\t\treturn\n"));
         // What the host drops is not logged as a flow of the job.
-        let input =
-            &text[text.find("chain host_input").unwrap()..text.find("chain forward").unwrap()];
-        assert!(!input.contains("log group"));
+        assert!(!chain(&text, "input_0a1b2c3d").contains("log group"));
         // The DNS redirect is the same as in run: every query reaches the relay.
         assert!(text.contains("udp dport 53 dnat ip to 203.0.113.129:1001"));
     }
@@ -630,16 +1006,16 @@ mod tests {
             publish: &publish,
             ..rules(&id, &a)
         });
-        let nat_in = &text
-            [text.find("chain publish_in").unwrap()..text.find("chain publish_local").unwrap()];
+        let nat_in = chain(&text, "publish_in_0a1b2c3d");
         // No sandbox reaches another's published port, and none has its DNS captured by one.
         assert!(nat_in.contains(r#"iifname "pc-*" return"#));
         assert!(text.contains("type nat hook prerouting priority dstnat - 10;"));
+        assert!(nat_in.contains("type nat hook prerouting priority dstnat;"));
         assert!(nat_in.contains(
             "fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 8080 dnat ip to 203.0.113.130:80"
         ));
         assert!(!nat_in.contains("ip daddr 127.0.0.1"));
-        let nat_local = &text[text.find("chain publish_local").unwrap()..];
+        let nat_local = chain(&text, "publish_local_0a1b2c3d");
         assert!(
             nat_local.contains("ip daddr 127.0.0.1 tcp dport 8080 dnat ip to 203.0.113.130:80")
         );
@@ -655,21 +1031,16 @@ mod tests {
         );
         // The host's own connections, 127.0.0.1 included, are DNATed in output and leave with
         // the host side's address.
-        assert!(text.contains("type nat hook output priority -100"));
-        assert!(text.contains(r#"oifname "pc-0a1b2c3d-h" ip saddr 127.0.0.0/8 masquerade"#));
+        assert!(nat_local.contains("type nat hook output priority -100"));
+        assert!(text.contains(
+            "add element inet portcullis_sandboxes loopback_nat { \"pc-0a1b2c3d-h\" . 203.0.113.130 }"
+        ));
         // Only DNATed connections to the published ports pass, in forward and from the host.
-        let accept =
-            r#"oifname "pc-0a1b2c3d-h" ct status dnat ip daddr 203.0.113.130 tcp dport 80 accept"#;
-        assert_eq!(text.matches(accept).count(), 2);
-        let host_output =
-            &text[text.find("chain host_output").unwrap()..text.find("# --publish").unwrap()];
-        assert!(
-            host_output
-                .trim_end()
-                .trim_end_matches('}')
-                .trim_end()
-                .ends_with("drop")
-        );
+        let accept = "ct status dnat ip daddr 203.0.113.130 tcp dport 80 accept";
+        assert!(chain(&text, "to_0a1b2c3d").contains(accept));
+        let output = chain(&text, "output_0a1b2c3d");
+        assert!(output.contains(accept));
+        assert!(output.ends_with("counter drop"));
     }
 
     #[test]
@@ -689,29 +1060,22 @@ mod tests {
         });
         // The sandbox's own link appears nowhere: its packets enter on the bridge.
         assert!(!text.contains("pc-0a1b2c3d-h"), "{text}");
-        assert!(text.contains(r#"iifname "pc-n01234567" ip saddr 203.0.113.194 meta nfproto ipv4 udp dport 53 dnat ip to 203.0.113.193:1001"#));
-        assert!(
-            text.contains(r#"iifname "pc-n01234567" ip6 saddr 2001:db8:fffe:ff::2 jump egress"#)
-        );
-        // Other sandboxes' packets are left to their own tables, in input and output.
-        let input =
-            &text[text.find("chain host_input").unwrap()..text.find("chain forward").unwrap()];
-        let ret = input.find("ip saddr != 203.0.113.194 return").unwrap();
-        assert!(ret < input.find("counter name blocked").unwrap());
-        assert!(
-            text.contains("ip6 daddr != { 2001:db8:fffe:ff::2, fe80::70:aff:fe1b:2c3d } return")
-        );
-        // Towards the sandbox: replies, other sandboxes (their egress decided), else drop.
-        let forward =
-            &text[text.find("chain forward").unwrap()..text.find("chain host_output").unwrap()];
-        let from_peer = forward
-            .find(r#"oifname "pc-n01234567" iifname "pc-n01234567" ip daddr 203.0.113.194 accept"#)
-            .unwrap();
-        let drop = forward
-            .find(r#"oifname "pc-n01234567" ip daddr 203.0.113.194 counter name blocked drop"#)
-            .unwrap();
-        assert!(from_peer < drop);
-        assert!(text.contains(r#"oifname != "pc-n01234567" ip saddr 203.0.113.194 masquerade"#));
+        let el = |map: &str, key: &str, chain: &str| {
+            format!(
+                "add element inet portcullis_sandboxes {map} {{ \"pc-n01234567\" . {key} : jump {chain}_0a1b2c3d }}\n"
+            )
+        };
+        assert!(text.contains(&el("dns_from4", "203.0.113.194", "dns")));
+        assert!(text.contains(&el("forward_from6", "2001:db8:fffe:ff::2", "egress")));
+        // The host talks to it, and it to the host, from its link-local address too.
+        assert!(text.contains(&el("input_from6", "fe80::70:aff:fe1b:2c3d", "input")));
+        assert!(text.contains(&el("output_to6", "fe80::70:aff:fe1b:2c3d", "output")));
+        assert!(!text.contains(&el("forward_from6", "fe80::70:aff:fe1b:2c3d", "egress")));
+        // Towards the sandbox: other sandboxes of the network (their egress decided), else drop.
+        let to = chain(&text, "to_0a1b2c3d");
+        let from_peer = to.find(r#"iifname "pc-n01234567" accept"#).unwrap();
+        assert!(from_peer < to.find("counter name blocked_0a1b2c3d drop").unwrap());
+        assert!(text.contains("own_link4 { 203.0.113.194 . \"pc-n01234567\" }"));
         let net = network_ruleset("portcullis_n01234567", "pc-n01234567");
         assert!(net.contains(r#"oifname "pc-n01234567" icmpv6 type nd-redirect drop"#));
     }
@@ -721,17 +1085,10 @@ mod tests {
         let id = SandboxId::parse("0a1b2c3d").unwrap();
         let a = addressing();
         let script = sandbox_ruleset(&rules(&id, &a));
-        let r = replace_chains(&script, &id.table());
-        for chain in [
-            "dns_redirect",
-            "host_input",
-            "forward",
-            "host_output",
-            "egress",
-            "source_nat",
-        ] {
+        let r = replace_chains(&script, SHARED_TABLE);
+        for chain in ["dns", "input", "to", "output", "egress"] {
             assert!(
-                r.contains(&format!("flush chain inet {} {chain}\n", id.table())),
+                r.contains(&format!("flush chain inet {SHARED_TABLE} {chain}_{id}\n")),
                 "{chain}: {r}"
             );
         }
@@ -745,7 +1102,32 @@ mod tests {
         let a = addressing();
         let text = sandbox_ruleset(&SandboxRules { ..rules(&id, &a) });
         assert!(!text.contains("publish_in") && !text.contains("ct status dnat"));
-        assert!(!text.contains("127.0.0.0/8"));
-        assert!(text.contains("chain host_output"));
+        assert!(!text.contains("portcullis_sandboxes loopback_nat {"));
+        assert!(text.contains("chain output_0a1b2c3d"));
+    }
+
+    #[test]
+    #[ignore = "prints a sandbox's script: cargo test -p portcullis-kernel print_ -- --ignored"]
+    fn print_a_sandbox_script() {
+        let id = SandboxId::parse("0a1b2c3d").unwrap();
+        let a = addressing();
+        let publish = [Publish {
+            host_addr: None,
+            host_port: 8080,
+            sandbox_port: 80,
+            protocol: Protocol::Tcp,
+        }];
+        let r = SandboxRules {
+            publish: &publish,
+            ..rules(&id, &a)
+        };
+        println!("{}", sandbox_ruleset(&r));
+        println!("{}", teardown_script(&objects_of(&r)));
+        let other = SandboxId::parse("0a1b2c3e").unwrap();
+        let net = SandboxRules {
+            bridge: Some("pc-n01234567"),
+            ..rules(&other, &a)
+        };
+        println!("{}", sandbox_ruleset(&net));
     }
 }

@@ -22,10 +22,13 @@ use netlink_packet_core::{
     NlasIterator,
 };
 use netlink_packet_netfilter::nftables::{
+    ChainAttribute, ChainMessage, RuleAttribute, RuleMessage, SetAttribute, SetMessage,
+    TableAttribute, TableMessage,
+};
+use netlink_packet_netfilter::nftables::{
     DataAttribute, ListAttribute, NfTablesMessage, SetElementAttribute, SetElementList,
     SetElementMessage,
 };
-use netlink_packet_netfilter::nftables::{TableAttribute, TableMessage};
 use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
@@ -33,8 +36,11 @@ use netlink_packet_netfilter::{
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use portcullis_policy::Protocol;
 
-use crate::names::{SET_ALLOW4, SET_ALLOW4_PORT, SET_ALLOW6, SET_ALLOW6_PORT};
+use crate::names::{
+    SET_ALLOW4, SET_ALLOW4_PORT, SET_ALLOW6, SET_ALLOW6_PORT, SHARED_TABLE, SandboxId,
+};
 use crate::nft::Family;
+use crate::nft::ruleset::{KeyPart, SandboxObjects};
 use crate::{Error, Result};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -84,6 +90,49 @@ impl ElementKey {
     }
 }
 
+/// Where a sandbox's dynamic sets are: a table, and the sandbox they are named after there
+/// (`allow4_<id>` in the shared table), or none (a host-mode run's own table: `allow4`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SetsAt {
+    pub table: String,
+    pub owner: Option<SandboxId>,
+}
+
+impl SetsAt {
+    /// A sandbox's sets, in the shared table.
+    pub fn sandbox(id: &SandboxId) -> Self {
+        SetsAt {
+            table: SHARED_TABLE.to_owned(),
+            owner: Some(id.clone()),
+        }
+    }
+
+    /// The sets of a table of their own (`allow4`, ...).
+    pub fn table(table: impl Into<String>) -> Self {
+        SetsAt {
+            table: table.into(),
+            owner: None,
+        }
+    }
+
+    /// The name of set (or counter) `base` there.
+    pub fn name(&self, base: &str) -> String {
+        match &self.owner {
+            Some(id) => id.object(base),
+            None => base.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for SetsAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.owner {
+            Some(id) => write!(f, "table {} (sandbox {id})", self.table),
+            None => write!(f, "table {}", self.table),
+        }
+    }
+}
+
 /// One element with its timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Element {
@@ -93,14 +142,14 @@ pub struct Element {
 
 /// Adds elements to a sandbox's sets. The real one speaks netlink; tests use a recorder.
 pub trait SetWriter: Send + Sync + std::fmt::Debug {
-    /// Adds every element to its set in `table`, all or none, and returns once the kernel
+    /// Adds every element to its set at `at`, all or none, and returns once the kernel
     /// acknowledged them. An error means nothing may be released to the sandbox.
-    fn add(&self, table: &str, elements: &[Element]) -> Result<()>;
+    fn add(&self, at: &SetsAt, elements: &[Element]) -> Result<()>;
 
-    /// Removes every key from its set in `table` and returns once the kernel acknowledged
+    /// Removes every key from its set at `at` and returns once the kernel acknowledged
     /// it. A key that is not in its set (never added, or expired meanwhile) is no error.
-    fn remove(&self, table: &str, keys: &[ElementKey]) -> Result<()> {
-        let _ = (table, keys);
+    fn remove(&self, at: &SetsAt, keys: &[ElementKey]) -> Result<()> {
+        let _ = (at, keys);
         Err(Error::Other(
             "removing set elements is not supported".to_owned(),
         ))
@@ -197,7 +246,7 @@ fn control(msg: ControlMessage, seq: u32) -> NetlinkMessage<NetfilterMessage> {
 }
 
 /// One batch adding `elements`: one NEWSETELEM per set touched, each acknowledged.
-fn encode_batch(table: &str, elements: &[Element]) -> Vec<NetlinkMessage<NetfilterMessage>> {
+fn encode_batch(at: &SetsAt, elements: &[Element]) -> Vec<NetlinkMessage<NetfilterMessage>> {
     let mut by_set: Vec<(&'static str, Vec<ListAttribute<SetElementAttribute>>)> = Vec::new();
     for e in elements {
         let set = e.key.set_name();
@@ -219,8 +268,8 @@ fn encode_batch(table: &str, elements: &[Element]) -> Vec<NetlinkMessage<Netfilt
             NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
             NfTablesMessage::NewSetElement(SetElementMessage {
                 attributes: vec![
-                    SetElementList::Table(table.to_owned()),
-                    SetElementList::Set(set.to_owned()),
+                    SetElementList::Table(at.table.clone()),
+                    SetElementList::Set(at.name(set)),
                     SetElementList::Elements(list),
                 ],
             }),
@@ -234,7 +283,7 @@ fn encode_batch(table: &str, elements: &[Element]) -> Vec<NetlinkMessage<Netfilt
 
 /// One batch removing `keys`: one DELSETELEM per key, each acknowledged, so that the kernel
 /// names exactly the keys that are missing (see `NetlinkSetWriter::remove`).
-fn encode_delete_batch(table: &str, keys: &[ElementKey]) -> Vec<NetlinkMessage<NetfilterMessage>> {
+fn encode_delete_batch(at: &SetsAt, keys: &[ElementKey]) -> Vec<NetlinkMessage<NetfilterMessage>> {
     let mut msgs = Vec::with_capacity(keys.len() + 2);
     msgs.push(control(ControlMessage::BatchBegin, 0));
     for key in keys {
@@ -242,8 +291,8 @@ fn encode_delete_batch(table: &str, keys: &[ElementKey]) -> Vec<NetlinkMessage<N
             NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
             NfTablesMessage::DeleteSetElement(SetElementMessage {
                 attributes: vec![
-                    SetElementList::Table(table.to_owned()),
-                    SetElementList::Set(key.set_name().to_owned()),
+                    SetElementList::Table(at.table.clone()),
+                    SetElementList::Set(at.name(key.set_name())),
                     SetElementList::Elements(vec![ListAttribute::Element(vec![
                         SetElementAttribute::Key(DataAttribute::Value(key.key_bytes())),
                     ])]),
@@ -257,7 +306,140 @@ fn encode_delete_batch(table: &str, keys: &[ElementKey]) -> Vec<NetlinkMessage<N
     msgs
 }
 
+/// An element key of the shared table as the kernel stores it: an interface name takes
+/// IFNAMSIZ (16) bytes, NUL-padded; addresses their 4 or 16.
+fn shared_key_bytes(key: &[KeyPart]) -> Vec<u8> {
+    let mut k = Vec::new();
+    for part in key {
+        match part {
+            KeyPart::Ifname(n) => {
+                let mut b = n.as_bytes().to_vec();
+                b.resize(16, 0);
+                k.extend_from_slice(&b);
+            }
+            KeyPart::Addr(IpAddr::V4(a)) => k.extend_from_slice(&a.octets()),
+            KeyPart::Addr(IpAddr::V6(a)) => k.extend_from_slice(&a.octets()),
+        }
+    }
+    k
+}
+
+/// The messages removing what a sandbox owns in the shared table, in order (its elements,
+/// then its chains' rules, its chains, sets and counters), each asking for an
+/// acknowledgement, with what each does; no batch delimiters.
+fn encode_objects_removal(o: &SandboxObjects) -> Vec<(NetlinkMessage<NetfilterMessage>, String)> {
+    const NFTA_OBJ_TABLE: u16 = 1;
+    const NFTA_OBJ_NAME: u16 = 2;
+    const NFTA_OBJ_TYPE: u16 = 3;
+    const NFT_OBJECT_COUNTER: u32 = 1;
+    let t = || SHARED_TABLE.to_owned();
+    let msg = |inner: NfTablesMessage| {
+        let mut m = NetlinkMessage::from(NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
+            inner,
+        ));
+        m.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        m
+    };
+    let mut out = Vec::new();
+    for e in &o.elements {
+        out.push((
+            msg(NfTablesMessage::DeleteSetElement(SetElementMessage {
+                attributes: vec![
+                    SetElementList::Table(t()),
+                    SetElementList::Set(e.set.to_owned()),
+                    SetElementList::Elements(vec![ListAttribute::Element(vec![
+                        SetElementAttribute::Key(DataAttribute::Value(shared_key_bytes(&e.key))),
+                    ])]),
+                ],
+            })),
+            format!("delete its element of {}", e.set),
+        ));
+    }
+    // A rule deletion naming no rule flushes the chain.
+    for c in &o.chains {
+        out.push((
+            msg(NfTablesMessage::DeleteRule(RuleMessage {
+                attributes: vec![RuleAttribute::Table(t()), RuleAttribute::Chain(c.clone())],
+            })),
+            format!("flush chain {c}"),
+        ));
+    }
+    for c in &o.chains {
+        out.push((
+            msg(NfTablesMessage::DeleteChain(ChainMessage {
+                attributes: vec![ChainAttribute::Table(t()), ChainAttribute::Name(c.clone())],
+            })),
+            format!("delete chain {c}"),
+        ));
+    }
+    for set in &o.sets {
+        out.push((
+            msg(NfTablesMessage::DeleteSet(SetMessage {
+                attributes: vec![SetAttribute::Table(t()), SetAttribute::Name(set.clone())],
+            })),
+            format!("delete set {set}"),
+        ));
+    }
+    let cstr = |s: &str| {
+        let mut v = s.as_bytes().to_vec();
+        v.push(0);
+        v
+    };
+    for c in &o.counters {
+        out.push((
+            msg(NfTablesMessage::DeleteObject(vec![
+                DefaultNla::new(NFTA_OBJ_TABLE, cstr(SHARED_TABLE)),
+                DefaultNla::new(NFTA_OBJ_NAME, cstr(c)),
+                DefaultNla::new(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER.to_be_bytes().to_vec()),
+            ])),
+            format!("delete counter {c}"),
+        ));
+    }
+    out
+}
+
 impl NetlinkSetWriter {
+    /// Removes what a sandbox owns in the shared table, in one transaction: all of it, or
+    /// (an error) nothing. A sandbox's teardown, which knows what it added.
+    pub fn remove_objects(&self, objects: &SandboxObjects) -> Result<()> {
+        let mut msgs = vec![control(ControlMessage::BatchBegin, 0)];
+        msgs.extend(encode_objects_removal(objects).into_iter().map(|(m, _)| m));
+        msgs.push(control(ControlMessage::BatchEnd, 0));
+        self.transact(msgs, &|| {
+            format!("remove the sandbox's chains, sets and elements from table {SHARED_TABLE}")
+        })
+        .map(drop)
+    }
+
+    /// Removes whatever of `objects` exists, one transaction each: the clean-up of a sandbox
+    /// whose run died at any point, or of one whose teardown failed half-way. What is not
+    /// there is no error; the first other error is returned after every removal was tried.
+    pub fn remove_objects_present(&self, objects: &SandboxObjects) -> Result<usize> {
+        let mut removed = 0;
+        let mut first_error = None;
+        for (m, what) in encode_objects_removal(objects) {
+            let msgs = vec![
+                control(ControlMessage::BatchBegin, 0),
+                m,
+                control(ControlMessage::BatchEnd, 0),
+            ];
+            let what = || format!("{what} in table {SHARED_TABLE}");
+            match self.transact(msgs, &what) {
+                Ok(_) => removed += 1,
+                Err(Error::Kernel { source, .. })
+                    if source.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(removed),
+        }
+    }
+
     /// Sends `msgs` (sequence numbers assigned here) and waits until every message that asked
     /// for an acknowledgement got one. Returns the other replies (answers to GET requests).
     fn transact(
@@ -391,6 +573,29 @@ impl NetlinkSetWriter {
         }
     }
 
+    /// Deletes `inet` table `table`; whether it was there.
+    pub fn delete_table_if_present(&self, table: &str) -> Result<bool> {
+        let mut del = NetlinkMessage::from(NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
+            NfTablesMessage::DeleteTable(TableMessage {
+                attributes: vec![TableAttribute::Name(table.to_owned())],
+            }),
+        ));
+        del.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        let msgs = vec![
+            control(ControlMessage::BatchBegin, 0),
+            del,
+            control(ControlMessage::BatchEnd, 0),
+        ];
+        match self.transact(msgs, &|| format!("delete nft table inet {table}")) {
+            Ok(_) => Ok(true),
+            Err(Error::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Packets counted by the named counter object `counter` of `inet` table `table`.
     pub fn counter_packets(&self, table: &str, counter: &str) -> Result<u64> {
         self.family_counter_packets(Family::Inet, table, counter)
@@ -452,15 +657,12 @@ impl NetlinkSetWriter {
 }
 
 impl SetWriter for NetlinkSetWriter {
-    fn add(&self, table: &str, elements: &[Element]) -> Result<()> {
+    fn add(&self, at: &SetsAt, elements: &[Element]) -> Result<()> {
         if elements.is_empty() {
             return Ok(());
         }
-        self.transact(encode_batch(table, elements), &|| {
-            format!(
-                "add {} elements to the sets of table {table}",
-                elements.len()
-            )
+        self.transact(encode_batch(at, elements), &|| {
+            format!("add {} elements to the sets of {at}", elements.len())
         })
         .map(drop)
     }
@@ -471,17 +673,12 @@ impl SetWriter for NetlinkSetWriter {
     /// Measured for 100 keys (kernel 6.18, `tests/revoke.rs`): all present 0.4 ms; one
     /// missing 6 to 16 ms, nearly all of it the kernel's abort of the first batch, which a
     /// batch per key does not avoid (each missing key then costs an abort of its own).
-    fn remove(&self, table: &str, keys: &[ElementKey]) -> Result<()> {
+    fn remove(&self, at: &SetsAt, keys: &[ElementKey]) -> Result<()> {
         let mut keys: Vec<ElementKey> = keys.to_vec();
         // Each round drops at least one key, or ends.
         while !keys.is_empty() {
-            let what = || {
-                format!(
-                    "remove {} elements from the sets of table {table}",
-                    keys.len()
-                )
-            };
-            let (acks, _) = self.exchange(encode_delete_batch(table, &keys), &what)?;
+            let what = || format!("remove {} elements from the sets of {at}", keys.len());
+            let (acks, _) = self.exchange(encode_delete_batch(at, &keys), &what)?;
             let mut missing = vec![false; keys.len()];
             let mut failed = false;
             for (i, ack) in acks.into_iter().enumerate() {
@@ -544,15 +741,43 @@ mod tests {
                 timeout: Duration::from_secs(60),
             },
         ];
-        let msgs = encode_batch("portcullis_0a1b2c3d", &els);
+        let id = SandboxId::parse("0a1b2c3d").unwrap();
+        let msgs = encode_batch(&SetsAt::sandbox(&id), &els);
         // BEGIN, allow4, allow6, allow4p, END; every element message asks for an ACK.
         assert_eq!(msgs.len(), 5);
+        let NetlinkPayload::InnerMessage(NetfilterMessage {
+            inner: NetfilterMessageInner::NfTables(NfTablesMessage::NewSetElement(m)),
+            ..
+        }) = &msgs[1].payload
+        else {
+            panic!("not a NEWSETELEM: {:?}", msgs[1]);
+        };
+        assert!(
+            m.attributes
+                .contains(&SetElementList::Table(SHARED_TABLE.into()))
+        );
+        assert!(
+            m.attributes
+                .contains(&SetElementList::Set("allow4_0a1b2c3d".into()))
+        );
         assert_eq!(
             msgs.iter()
                 .filter(|m| m.header.flags & NLM_F_ACK != 0)
                 .count(),
             3
         );
+    }
+
+    #[test]
+    fn shared_keys_pad_interface_names_to_ifnamsiz() {
+        let k = shared_key_bytes(&[
+            KeyPart::Addr("203.0.113.2".parse().unwrap()),
+            KeyPart::Ifname("pc-0a1b2c3d-h".into()),
+        ]);
+        assert_eq!(k.len(), 20);
+        assert_eq!(&k[..4], &[203, 0, 113, 2]);
+        assert_eq!(&k[4..17], b"pc-0a1b2c3d-h");
+        assert_eq!(&k[17..], &[0, 0, 0]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use portcullis_dnstap::listen::{self, Listener};
 use portcullis_dnstap::{ListenAddr, ListenOptions, ListenStats, proto};
 use portcullis_kernel::names::SandboxId;
-use portcullis_kernel::nft::sets::{NetlinkSetWriter, SetWriter};
+use portcullis_kernel::nft::sets::{NetlinkSetWriter, SetWriter, SetsAt};
 use portcullis_kernel::state::StateDir;
 use portcullis_relay::{RelayConfig, SandboxCtx};
 
@@ -81,8 +81,8 @@ fn table_name_ok(t: &str) -> bool {
         && t.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
 }
 
-/// `--sandbox ID|TABLE`: the sandbox's table and its own addresses, from the state directory.
-fn sandbox_target(state: Option<&StateDir>, name: &str) -> anyhow::Result<(String, Vec<IpNet>)> {
+/// `--sandbox ID|TABLE`: the sandbox's sets and its own addresses, from the state directory.
+fn sandbox_target(state: Option<&StateDir>, name: &str) -> anyhow::Result<(SetsAt, Vec<IpNet>)> {
     let id = SandboxId::parse(name)
         .or_else(|| SandboxId::from_table(name))
         .ok_or_else(|| {
@@ -110,7 +110,7 @@ fn sandbox_target(state: Option<&StateDir>, name: &str) -> anyhow::Result<(Strin
         );
     };
     Ok((
-        id.table(),
+        SetsAt::sandbox(&id),
         vec![
             IpNet::from(std::net::IpAddr::V4(a.sandbox4)),
             IpNet::from(std::net::IpAddr::V6(a.sandbox6)),
@@ -121,12 +121,11 @@ fn sandbox_target(state: Option<&StateDir>, name: &str) -> anyhow::Result<(Strin
 fn targets(
     args: &DnstapListenArgs,
     state_dir: Option<PathBuf>,
-) -> anyhow::Result<Vec<(String, Vec<IpNet>)>> {
-    let mut out: Vec<(String, Vec<IpNet>)> = Vec::new();
-    let mut add = |table: String, nets: Vec<IpNet>| match out.iter_mut().find(|(t, _)| *t == table)
-    {
+) -> anyhow::Result<Vec<(SetsAt, Vec<IpNet>)>> {
+    let mut out: Vec<(SetsAt, Vec<IpNet>)> = Vec::new();
+    let mut add = |sets: SetsAt, nets: Vec<IpNet>| match out.iter_mut().find(|(t, _)| *t == sets) {
         Some((_, n)) => n.extend(nets),
-        None => out.push((table, nets)),
+        None => out.push((sets, nets)),
     };
     for s in &args.subnet {
         let (cidr, table) = s
@@ -139,13 +138,13 @@ fn targets(
         if !table_name_ok(table) {
             bail!("--subnet {s:?}: {table:?} is not an nftables table name");
         }
-        add(table.to_owned(), vec![net.trunc()]);
+        add(SetsAt::table(table), vec![net.trunc()]);
     }
     if !args.sandbox.is_empty() {
         let state = StateDir::existing(state_dir).context("find the state directory")?;
         for name in &args.sandbox {
-            let (table, nets) = sandbox_target(state.as_ref(), name)?;
-            add(table, nets);
+            let (sets, nets) = sandbox_target(state.as_ref(), name)?;
+            add(sets, nets);
         }
     }
     if out.is_empty() {
@@ -194,12 +193,10 @@ fn listen_cmd(args: DnstapListenArgs, state_dir: Option<PathBuf>) -> Result<i32,
         },
         targets: list
             .into_iter()
-            .map(|(table, clients)| {
-                tracing::info!(target: "portcullis::lifecycle", event = "dnstap_target", sandbox = %table, clients = %clients.iter().map(ToString::to_string).collect::<Vec<_>>().join(","), "dnstap target");
-                Target {
-                    clients,
-                    ctx: SandboxCtx::new(table, Vec::new(), policy.clone(), writer.clone()),
-                }
+            .map(|(sets, clients)| {
+                let ctx = SandboxCtx::new(sets, Vec::new(), policy.clone(), writer.clone());
+                tracing::info!(target: "portcullis::lifecycle", event = "dnstap_target", sandbox = %ctx.label(), clients = %clients.iter().map(ToString::to_string).collect::<Vec<_>>().join(","), "dnstap target");
+                Target { clients, ctx }
             })
             .collect(),
     });
@@ -317,7 +314,10 @@ mod tests {
         let t = targets(&a, None).unwrap();
         let shown: Vec<(String, Vec<String>)> = t
             .into_iter()
-            .map(|(t, n)| (t, n.iter().map(ToString::to_string).collect()))
+            .map(|(t, n)| {
+                assert_eq!(t.owner, None);
+                (t.table, n.iter().map(ToString::to_string).collect())
+            })
             .collect();
         assert_eq!(
             shown,

@@ -21,11 +21,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
-use portcullis_kernel::names::{COUNTER_BLOCKED, NetworkName, SandboxId};
+use portcullis_kernel::names::{COUNTER_BLOCKED, NetworkName, SHARED_TABLE, SandboxId};
 use portcullis_kernel::nflog::{BlockedPacket, NflogGroup};
 use portcullis_kernel::nft::apply;
 use portcullis_kernel::nft::ruleset::{Publish, RelayPorts, SandboxRules, sandbox_ruleset};
-use portcullis_kernel::nft::sets::{NetlinkSetWriter, SetWriter};
+use portcullis_kernel::nft::sets::{NetlinkSetWriter, SetWriter, SetsAt};
 use portcullis_kernel::process::{Helper, InitSpec, start_time};
 use portcullis_kernel::state::{SandboxRecord, StateDir};
 use portcullis_policy::{Policy, Rule};
@@ -280,7 +280,7 @@ impl Manager {
         let blocked = SandboxId::parse(&id)
             .and_then(|id| {
                 live.writer
-                    .counter_packets(&id.table(), COUNTER_BLOCKED)
+                    .counter_packets(SHARED_TABLE, &id.object(COUNTER_BLOCKED))
                     .ok()
             })
             .unwrap_or(0);
@@ -451,7 +451,6 @@ impl Manager {
         let nflog = NflogGroup::bind_any(crate::session::nflog_candidates(&id))?;
         sandbox.record_nflog_group(nflog.group)?;
         let learn = self.learn_log(&row, restore.is_none(), &nflog)?;
-        let rules = rules_of(&sandbox, ports, &policy, nflog.group, &publish, row.learn);
         if publish.iter().any(Publish::from_loopback4) {
             let out_link = match &sandbox.network {
                 Some(n) => n.bridge.clone(),
@@ -460,7 +459,15 @@ impl Manager {
             let path = format!("/proc/sys/net/ipv4/conf/{out_link}/route_localnet");
             std::fs::write(&path, "1\n").with_context(|| format!("write {path}"))?;
         }
-        sandbox.load_tables(nft, &rules)?;
+        with_rules(
+            &sandbox,
+            ports,
+            &policy,
+            nflog.group,
+            &publish,
+            row.learn,
+            |r| sandbox.load_tables(nft, r),
+        )?;
         let a = &sandbox.addressing;
         std::fs::write(
             &resolv,
@@ -472,7 +479,7 @@ impl Manager {
         .with_context(|| format!("write {}", resolv.display()))?;
         let ctx = Arc::new(self.relay_context(
             &row.name,
-            id.table(),
+            SetsAt::sandbox(&id),
             sandbox.peers(),
             policy,
             self.netlink.clone(),
@@ -941,7 +948,7 @@ impl Manager {
             let learn = self.learn_log(&row, false, &nflog)?;
             let ctx = Arc::new(self.relay_context(
                 &row.name,
-                id.table(),
+                SetsAt::sandbox(id),
                 sandbox.peers(),
                 policy.clone(),
                 self.netlink.clone(),
@@ -997,14 +1004,14 @@ impl Manager {
     fn relay_context(
         &self,
         name: &str,
-        table: String,
+        sets: SetsAt,
         peers: Vec<std::net::IpAddr>,
         policy: Arc<Policy>,
         writer: Arc<NetlinkSetWriter>,
         learn: Option<&LearnLog>,
     ) -> SandboxCtx {
         let writer: Arc<dyn SetWriter> = writer;
-        let ctx = SandboxCtx::new(table, peers, policy, writer)
+        let ctx = SandboxCtx::new(sets, peers, policy, writer)
             .with_label(name)
             .with_cache(self.cache.clone())
             .with_decisions(Arc::new(super::events::SandboxDecisions {
@@ -1100,7 +1107,7 @@ struct Wiring {
     learn: Option<Arc<LearnLog>>,
 }
 
-/// The ruleset of a daemon's sandbox: one place for create, swap, restore.
+/// The ruleset of a daemon's sandbox, as text.
 fn rules_of(
     sandbox: &Sandbox,
     ports: RelayPorts,
@@ -1109,8 +1116,23 @@ fn rules_of(
     publish: &[Publish],
     learn: bool,
 ) -> String {
+    with_rules(sandbox, ports, policy, nflog_group, publish, learn, |r| {
+        sandbox_ruleset(r)
+    })
+}
+
+/// The ruleset of a daemon's sandbox, given to `f`: one place for create, swap, restore.
+fn with_rules<T>(
+    sandbox: &Sandbox,
+    ports: RelayPorts,
+    policy: &Policy,
+    nflog_group: u16,
+    publish: &[Publish],
+    learn: bool,
+    f: impl FnOnce(&SandboxRules<'_>) -> T,
+) -> T {
     let statics = crate::session::statics(policy);
-    sandbox_ruleset(&SandboxRules {
+    f(&SandboxRules {
         id: &sandbox.id,
         addressing: &sandbox.addressing,
         relay: ports,
@@ -1122,11 +1144,11 @@ fn rules_of(
     })
 }
 
-/// Applies a new ruleset to a live sandbox table: chains replaced, sets kept.
+/// Applies a new ruleset to a live sandbox: its chains replaced, its sets kept.
 fn replace_rules(id: &SandboxId, rules: &str) -> anyhow::Result<()> {
     apply::apply(
-        &portcullis_kernel::nft::ruleset::replace_chains(rules, &id.table()),
-        &format!("update nft table {}", id.table()),
+        &portcullis_kernel::nft::ruleset::replace_chains(rules, SHARED_TABLE),
+        &format!("update the rules of sandbox {id} in nft table inet {SHARED_TABLE}"),
     )?;
     Ok(())
 }

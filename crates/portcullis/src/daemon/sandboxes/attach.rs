@@ -404,7 +404,7 @@ impl Manager {
             let writer = Arc::new(p.writer);
             let ctx = Arc::new(self.relay_context(
                 &row.name,
-                table.clone(),
+                portcullis_kernel::nft::sets::SetsAt::table(table.clone()),
                 Vec::new(),
                 policy,
                 writer.clone(),
