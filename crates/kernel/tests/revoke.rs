@@ -16,7 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use portcullis_kernel::names::{SHARED_TABLE, SandboxId};
-use portcullis_kernel::nft::ruleset::{Addressing, RelayPorts, SandboxRules, sandbox_ruleset};
+use portcullis_kernel::nft::ruleset::{
+    Addressing, RelayPorts, SandboxObjects, SandboxRules, objects_of, sandbox_ruleset,
+};
 use portcullis_kernel::nft::sets::{Element, ElementKey, NetlinkSetWriter, SetWriter, SetsAt};
 use portcullis_kernel::{conntrack, netns};
 use portcullis_policy::Protocol;
@@ -82,15 +84,21 @@ impl Namespaces {
 
     /// Applies the sandbox ruleset of `id` in namespace `suffix`.
     fn sandbox_table(&self, suffix: &str, id: &SandboxId) {
+        self.sandbox_table_at(suffix, id, 0);
+    }
+
+    /// Applies the sandbox ruleset of `id`, its addresses `n` blocks after the first, in
+    /// namespace `suffix`; returns what it owns in the shared table.
+    fn sandbox_table_at(&self, suffix: &str, id: &SandboxId, n: u8) -> SandboxObjects {
         let addressing = Addressing {
-            host4: "203.0.113.1".parse().unwrap(),
-            sandbox4: "203.0.113.2".parse().unwrap(),
+            host4: std::net::Ipv4Addr::new(203, 0, 113, 1 + 4 * n),
+            sandbox4: std::net::Ipv4Addr::new(203, 0, 113, 2 + 4 * n),
             prefix4: 30,
-            host6: "2001:db8:ffff::1".parse().unwrap(),
-            sandbox6: "2001:db8:ffff::2".parse().unwrap(),
+            host6: format!("2001:db8:ffff:{n:x}::1").parse().unwrap(),
+            sandbox6: format!("2001:db8:ffff:{n:x}::2").parse().unwrap(),
             prefix6: 64,
         };
-        let script = sandbox_ruleset(&SandboxRules {
+        let rules = SandboxRules {
             id,
             addressing: &addressing,
             relay: RelayPorts {
@@ -104,12 +112,14 @@ impl Namespaces {
             learn: false,
             publish: &[],
             bridge: None,
-        });
+        };
+        let script = sandbox_ruleset(&rules);
         let mut c = self.cmd(suffix, &["nft", "-f", "-"]);
         c.stdin(Stdio::piped());
         let mut child = c.spawn().unwrap();
         std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
         assert!(child.wait().unwrap().success(), "nft -f failed");
+        objects_of(&rules)
     }
 
     /// The elements of `set` in the sandbox table, as `nft -j list set` shows them.
@@ -459,4 +469,32 @@ fn removing_the_element_and_the_conntrack_entry_cuts_an_established_connection()
     assert_eq!(seen(&ns), seen_later, "not even its SYN reached the server");
     assert_eq!(conns, 1);
     assert_eq!(received(&out).0, 1, "the receiver saw no second connection");
+}
+
+/// The teardown of one sandbox of several removes its part of the shared table in one
+/// netlink transaction, and exactly that: the other sandbox's part is as it was. A second
+/// removal finds nothing and fails whole; the clean-up's removal of what is there does not.
+#[test]
+fn a_sandboxs_part_of_the_shared_table_goes_in_one_transaction() {
+    let ns = Namespaces::new(&["t"]);
+    let (a, b) = (SandboxId::random(), SandboxId::random());
+    let list = || ns.exec("t", &["nft", "list", "table", "inet", SHARED_TABLE]);
+    ns.sandbox_table_at("t", &a, 0);
+    let alone = list();
+    let objects = ns.sandbox_table_at("t", &b, 1);
+    assert!(list().contains(&format!("chain egress_{b}")));
+    let again = objects.clone();
+    let (once, twice, present) = netns::run_in(&ns.path("t"), move || {
+        let w = NetlinkSetWriter::open()?;
+        let once = w.remove_objects(&again).map_err(|e| e.to_string());
+        let twice = w.remove_objects(&again).is_ok();
+        let present = w.remove_objects_present(&again).map_err(|e| e.to_string());
+        Ok((once, twice, present))
+    })
+    .unwrap();
+    assert_eq!(once, Ok(()));
+    assert!(!twice, "a removal of what is gone must fail");
+    assert_eq!(present, Ok(0));
+    assert_eq!(list(), alone);
+    assert!(!alone.contains(&b.to_string()));
 }

@@ -218,18 +218,11 @@ impl Sandbox {
         format!("pc-{}-h", self.id)
     }
 
-    /// The named counter `name` of the sandbox's table of `family`, read in the uplink.
-    fn counter(&self, world: &World, family: &str, name: &str) -> u64 {
+    /// The named counter `name` of the table of `family`, read in the uplink.
+    fn counter(&self, world: &World, family: &str, table: &str, name: &str) -> u64 {
         let out = world
             .uplink_cmd("nft")
-            .args([
-                "-j",
-                "list",
-                "counter",
-                family,
-                &format!("portcullis_{}", self.id),
-                name,
-            ])
+            .args(["-j", "list", "counter", family, table, name])
             .output()
             .unwrap();
         let json = json_of(out);
@@ -242,11 +235,18 @@ impl Sandbox {
     }
 
     fn spoofed(&self, world: &World) -> u64 {
-        self.counter(world, "netdev", "spoofed")
+        self.counter(
+            world,
+            "netdev",
+            &format!("portcullis_{}", self.id),
+            "spoofed",
+        )
     }
 
     fn blocked(&self, world: &World) -> u64 {
-        self.counter(world, "inet", "blocked")
+        // In the table every sandbox shares, named after it.
+        let blocked = format!("blocked_{}", self.id);
+        self.counter(world, "inet", "portcullis_sandboxes", &blocked)
     }
 
     /// Sends one frame of each kind from the sandbox's `eth0`.

@@ -594,43 +594,40 @@ fn set_insertion_failure_is_a_servfail() {
         wait_until(Duration::from_secs(20), || ready.exists()),
         "CMD never got ready"
     );
-    let tables = world
-        .uplink_cmd("nft")
-        .args(["list", "tables"])
-        .output()
-        .unwrap();
-    let tables = stdout(&tables);
-    let table = tables
-        .lines()
-        .find_map(|l| l.strip_prefix("table inet portcullis_"))
-        .map(|id| format!("portcullis_{id}"))
-        .unwrap_or_else(|| panic!("no sandbox table in {tables}"));
+    // Every sandbox's rules are in one table; this one's are named after it.
+    let table = "portcullis_sandboxes";
     let ruleset = world
         .uplink_cmd("nft")
-        .args(["list", "table", "inet", &table])
+        .args(["list", "table", "inet", table])
         .output()
         .unwrap();
-    eprintln!("--- the sandbox's table\n{}", stdout(&ruleset));
+    let ruleset = stdout(&ruleset);
+    eprintln!("--- the sandboxes' table\n{ruleset}");
+    let id = ruleset
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("chain egress_"))
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("no sandbox chain in {ruleset}"))
+        .to_owned();
+    let (egress, allow4) = (format!("egress_{id}"), format!("allow4_{id}"));
     // The `allow4` set goes (after the one rule that reads it, without which nft refuses):
     // every other rule stays, so the filter only gets stricter, DNS still reaches the relay,
     // and the relay's next insertion into `allow4` fails with ENOENT.
     let chain = world
         .uplink_cmd("nft")
-        .args(["-a", "list", "chain", "inet", &table, "egress"])
+        .args(["-a", "list", "chain", "inet", table, &egress])
         .output()
         .unwrap();
     let chain = stdout(&chain);
     let handle = chain
         .lines()
-        .find(|l| l.contains("ip daddr @allow4 accept"))
+        .find(|l| l.contains(&format!("ip daddr @{allow4} return")))
         .and_then(|l| l.rsplit_once("# handle "))
         .map(|(_, h)| h.trim().to_owned())
-        .unwrap_or_else(|| panic!("no @allow4 rule in {chain}"));
+        .unwrap_or_else(|| panic!("no @{allow4} rule in {chain}"));
     for args in [
-        vec![
-            "delete", "rule", "inet", &table, "egress", "handle", &handle,
-        ],
-        vec!["delete", "set", "inet", &table, "allow4"],
+        vec!["delete", "rule", "inet", table, &egress, "handle", &handle],
+        vec!["delete", "set", "inet", table, &allow4],
     ] {
         let done = world.uplink_cmd("nft").args(&args).status().unwrap();
         assert!(done.success(), "nft {args:?}");

@@ -495,3 +495,47 @@ fn runs_one_after_another_take_the_same_addresses_and_servers_take_their_connect
         assert_eq!(line(out, "syn retransmits "), "0", "{runs:?}");
     }
 }
+
+/// Every sandbox of a namespace lives in one shared nft table. A sandbox that ends beside
+/// another removes exactly its own chains, sets, counters and map elements there, in one
+/// transaction (no teardown error), and leaves the other's as they were; the last one takes
+/// the table with it.
+#[test]
+fn a_sandbox_ending_beside_another_removes_only_its_own_part_of_the_shared_table() {
+    const SECS: &str = "6177";
+    let world = World::new(&zone());
+    world.serve_http(80);
+    let before = residue(&world);
+    let shared = || {
+        let out = world
+            .uplink_cmd("nft")
+            .args(["list", "table", "inet", "portcullis_sandboxes"])
+            .output()
+            .expect("nft");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (mut first, _) = start_sleeper(&world, SECS);
+    let alone = shared();
+    assert_eq!(alone.matches("\tchain egress_").count(), 1, "{alone}");
+    // The second opens a flow (an element, counters, a conntrack entry) and sees the two
+    // sandboxes' chains side by side.
+    let out = run(
+        &world,
+        &["--allow", "ok.test"],
+        &[
+            "sh",
+            "-c",
+            "curl -4 -sS --max-time 5 -o /dev/null http://ok.test/ && \
+             curl -sS --max-time 2 -o /dev/null http://198.51.100.99/; echo blocked $?",
+        ],
+    );
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", stderr(&out));
+    assert!(text.contains("blocked 28"), "{text}");
+    assert!(!stderr(&out).contains("teardown error"), "{}", stderr(&out));
+    assert_eq!(shared(), alone, "the first sandbox's part changed");
+    kill(Pid::from_raw(first.pid() as i32), Signal::SIGTERM).expect("signal");
+    let out = first.output_within(Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+    assert_eq!(residue(&world), before, "left behind");
+}
