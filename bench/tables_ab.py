@@ -9,7 +9,9 @@ and output chains only), nat (their NAT chains only), vmap (one table, one forwa
 chain dispatching to K sandboxes' chains through iifname/oifname vmaps), conntrack (K is
 ignored: the unfiltered, routed path, without and with a forward chain whose one rule,
 `ct state established,related accept`, turns conntrack on: what any stateful filter costs
-before its first rule of its own)."""
+before its first rule of its own), sandboxes (K real `portcullis run -- sleep` sandboxes in the
+uplink, each on its own link; K <= 32, the bench's /25 pool of /30 blocks), network (K real
+sandboxes on one network, a bridge: K <= 120). The last two need the release build."""
 import importlib.machinery, importlib.util, re, signal, statistics, subprocess, sys, time
 
 rounds, K, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -93,6 +95,43 @@ def tables():
     return 1 if mode in ("vmap", "conntrack") else K
 
 
+REAL = mode in ("sandboxes", "network")
+NET = "pcab"
+
+
+def start_sandboxes():
+    """K idle sandboxes in the uplink; returns their processes once every CMD runs."""
+    extra = ["--network", NET] if mode == "network" else ["--pool4", br.POOL4, "--pool6", br.POOL6]
+    procs = []
+    for _ in range(K):
+        argv = br.nsexec(b.up, [br.PORTCULLIS, "run", "--allow", "x", "--upstream-dns", br.AUTH4]
+                         + extra + ["--", "sleep", "600"])
+        procs.append(subprocess.Popen([str(a) for a in argv], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, stdin=subprocess.DEVNULL))
+    deadline = time.monotonic() + 120
+    while True:
+        running = sum(1 for p in procs if any(br._comm(x) == "sleep" for x in br.descendants(p.pid)))
+        dead = [p for p in procs if p.poll() is not None]
+        if dead:
+            raise RuntimeError("a sandbox ended: " + dead[0].stderr.read().decode()[-500:])
+        if running == K:
+            return procs
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {running} of {K} sandboxes started")
+        time.sleep(0.2)
+
+
+def stop_sandboxes(procs):
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 b = br.Bench()
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 try:
@@ -103,14 +142,20 @@ try:
     dns.setup()
     web = br.WebFigure(b, br.parse_args())
     web.setup()
-    script = ruleset()
+    script = None if REAL else ruleset()
+    if mode == "network":
+        br.run(br.nsexec(b.up, [br.PORTCULLIS, "network", "create", NET, "--subnet4",
+                                "203.0.113.128/25", "--subnet6", "2001:db8:fffe:1::/64"]))
 
     def nft(text):
         br.run(br.nsexec(b.up, ["nft", "-f", "-"]), input=text)
 
     def one(with_rules):
         br.run(br.nsexec(b.up, ["conntrack", "-F"]), check=False)
-        if with_rules:
+        procs = []
+        if with_rules and REAL:
+            procs = start_sandboxes()
+        elif with_rules:
             nft(script)
         routed = mode == "conntrack"
         if not routed:
@@ -124,7 +169,9 @@ try:
         finally:
             if not routed:
                 b.masquerade(False)
-            if with_rules:
+            if procs:
+                stop_sandboxes(procs)
+            elif with_rules:
                 nft("".join(f"delete table inet pcab{i}\n" for i in range(tables())))
         return float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))
 
@@ -139,4 +186,6 @@ try:
         print(f"round {r}: none {got[False]:.0f}, {mode} K={K} {got[True]:.0f} conn/s", flush=True)
     print(f"{mode} K={K}: median ratio {statistics.median(ratios):.3f} over {rounds} rounds")
 finally:
+    if mode == "network":
+        br.run(br.nsexec(b.up, [br.PORTCULLIS, "network", "delete", NET]), check=False)
     b.cleanup()

@@ -1106,28 +1106,42 @@ mod tests {
         assert!(text.contains("chain output_0a1b2c3d"));
     }
 
+    /// The example of docs/architecture.md: `cargo test -p portcullis-kernel --lib
+    /// print_ -- --ignored --nocapture`.
     #[test]
-    #[ignore = "prints a sandbox's script: cargo test -p portcullis-kernel print_ -- --ignored"]
-    fn print_a_sandbox_script() {
-        let id = SandboxId::parse("0a1b2c3d").unwrap();
-        let a = addressing();
-        let publish = [Publish {
-            host_addr: None,
-            host_port: 8080,
-            sandbox_port: 80,
-            protocol: Protocol::Tcp,
-        }];
+    #[ignore = "prints the example of docs/architecture.md"]
+    fn print_the_example_of_the_docs() {
+        let id = SandboxId::parse("3f9c2a71").unwrap();
+        let a = Addressing {
+            host4: "10.139.169.197".parse().unwrap(),
+            sandbox4: "10.139.169.198".parse().unwrap(),
+            prefix4: 30,
+            host6: "fd70:6f72:7463:2a71::1".parse().unwrap(),
+            sandbox6: "fd70:6f72:7463:2a71::2".parse().unwrap(),
+            prefix6: 64,
+        };
+        let statics = [
+            StaticAllow {
+                net: "198.51.100.0/24".parse().unwrap(),
+                ports: vec![],
+            },
+            StaticAllow {
+                net: "2001:db8::/32".parse().unwrap(),
+                ports: vec![(Protocol::Tcp, 443)],
+            },
+        ];
         let r = SandboxRules {
-            publish: &publish,
+            relay: RelayPorts {
+                udp4: 41533,
+                tcp4: 38211,
+                udp6: 52907,
+                tcp6: 45170,
+            },
+            statics: &statics,
+            nflog_group: 44956,
             ..rules(&id, &a)
         };
         println!("{}", sandbox_ruleset(&r));
         println!("{}", teardown_script(&objects_of(&r)));
-        let other = SandboxId::parse("0a1b2c3e").unwrap();
-        let net = SandboxRules {
-            bridge: Some("pc-n01234567"),
-            ..rules(&other, &a)
-        };
-        println!("{}", sandbox_ruleset(&net));
     }
 }
