@@ -113,7 +113,7 @@ impl Namespaces {
             publish: &[],
             bridge: None,
         };
-        let script = sandbox_ruleset(&rules);
+        let script = sandbox_ruleset(&rules, true);
         let mut c = self.cmd(suffix, &["nft", "-f", "-"]);
         c.stdin(Stdio::piped());
         let mut child = c.spawn().unwrap();
@@ -479,8 +479,10 @@ fn a_sandboxs_part_of_the_shared_table_goes_in_one_transaction() {
     let ns = Namespaces::new(&["t"]);
     let (a, b) = (SandboxId::random(), SandboxId::random());
     let list = || ns.exec("t", &["nft", "list", "table", "inet", SHARED_TABLE]);
-    ns.sandbox_table_at("t", &a, 0);
+    let a_objects = ns.sandbox_table_at("t", &a, 0);
     let alone = list();
+    // Its base chains carry their rules.
+    assert!(alone.contains("iifname vmap @forward_from"), "{alone}");
     let objects = ns.sandbox_table_at("t", &b, 1);
     assert!(list().contains(&format!("chain egress_{b}")));
     let again = objects.clone();
@@ -497,4 +499,23 @@ fn a_sandboxs_part_of_the_shared_table_goes_in_one_transaction() {
     assert_eq!(present, Ok(0));
     assert_eq!(list(), alone);
     assert!(!alone.contains(&b.to_string()));
+
+    // The table goes only when nothing of any sandbox is left in it, whatever the caller
+    // believes (a sandbox of another state directory, say).
+    let deleted = || {
+        netns::run_in(&ns.path("t"), || {
+            NetlinkSetWriter::open()?.delete_shared_table_if_unused()
+        })
+        .unwrap()
+    };
+    assert!(!deleted(), "deleted under a live sandbox");
+    assert_eq!(list(), alone);
+    netns::run_in(&ns.path("t"), move || {
+        NetlinkSetWriter::open()?.remove_objects(&a_objects)
+    })
+    .unwrap();
+    assert!(deleted());
+    let tables = ns.exec("t", &["nft", "list", "tables"]);
+    assert!(!tables.contains(SHARED_TABLE), "{tables}");
+    assert!(!deleted(), "nothing to delete");
 }

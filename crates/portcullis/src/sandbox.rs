@@ -34,7 +34,9 @@ pub fn cleanup_stale(state: &StateDir, scan: bool) -> Vec<String> {
     for (rec, alive) in &records {
         // A host-mode run's cgroup goes first: while it cannot be emptied, its table stays.
         if !alive && crate::host_session::release_cgroup(&rec.id, &mut removed) {
-            remove_objects(rec, &mut removed);
+            if !remove_objects(rec, &mut removed) {
+                continue;
+            }
             // Its flows' conntrack entries go before its addresses can be given again; where
             // they cannot, the record stays and keeps them reserved.
             if let Some(a) = &rec.addressing {
@@ -131,19 +133,33 @@ fn remove_stale_networks(state: &StateDir, removed: &mut Vec<String>) {
     }
 }
 
-fn remove_objects(rec: &SandboxRecord, removed: &mut Vec<String>) {
+/// Removes what dead sandbox `rec` left in the kernel; whether its part of the shared table
+/// is surely gone (if not, its record must stay: its elements there are keyed on its
+/// addresses).
+fn remove_objects(rec: &SandboxRecord, removed: &mut Vec<String>) -> bool {
     let id = &rec.id;
-    // What it may have in the shared table, whatever point its run died at.
+    // What it may have in the shared table, whatever point its run died at. Without
+    // addresses, it was never wired, and its rules, loaded after the wiring, never were.
     let bridge = rec.network.as_ref().map(NetworkName::bridge);
-    if let Some(a) = &rec.addressing
-        && let Ok(n) = NetlinkSetWriter::open()
+    let shared_gone = match &rec.addressing {
+        None => true,
+        Some(a) => match NetlinkSetWriter::open()
             .and_then(|w| w.remove_objects_present(&possible_objects(id, a, bridge.as_deref())))
-        && n > 0
-    {
-        removed.push(format!(
-            "{n} objects of sandbox {id} in nft table inet {SHARED_TABLE}"
-        ));
-    }
+        {
+            Ok(n) => {
+                if n > 0 {
+                    removed.push(format!(
+                        "{n} objects of sandbox {id} in nft table inet {SHARED_TABLE}"
+                    ));
+                }
+                true
+            }
+            Err(e) => {
+                tracing::error!("sandbox {id}: remove its part of table {SHARED_TABLE}: {e}");
+                false
+            }
+        },
+    };
     for family in Family::ALL {
         if apply::delete_family_table(family, &id.table()).is_ok() {
             removed.push(format!("nft table {family} {}", id.table()));
@@ -152,16 +168,19 @@ fn remove_objects(rec: &SandboxRecord, removed: &mut Vec<String>) {
     for name in [id.host_ifname(), id.peer_ifname()] {
         let _ = link::delete_link(&name);
     }
+    shared_gone
 }
 
-/// Deletes the shared table (every sandbox's chains, sets and elements); notes it in
-/// `removed` if it was there. Only with no sandbox alive, lock held. Over `netlink`, a run's
+/// Deletes the shared table if no sandbox has anything left in it; notes it in `removed` if
+/// it did. Called when no sandbox of this state directory is alive (lock held); the kernel
+/// refuses it while a sandbox of another state directory, or a dead one's leftovers, are
+/// still in it (`NetlinkSetWriter::delete_shared_table_if_unused`). Over `netlink`, a run's
 /// own socket, if given: a socket opened for it would, closing after a commit, wait for the
 /// kernel's deferred destruction (see `exit::release_netfilter_sockets_after_exit`).
 fn delete_shared_table(netlink: Option<&NetlinkSetWriter>, removed: &mut Vec<String>) {
     let gone = match netlink {
-        Some(w) => w.delete_table_if_present(SHARED_TABLE),
-        None => NetlinkSetWriter::open().and_then(|w| w.delete_table_if_present(SHARED_TABLE)),
+        Some(w) => w.delete_shared_table_if_unused(),
+        None => NetlinkSetWriter::open().and_then(|w| w.delete_shared_table_if_unused()),
     };
     match gone {
         Ok(true) => removed.push(format!("nft table inet {SHARED_TABLE}")),
@@ -372,7 +391,11 @@ impl Sandbox {
     ) -> anyhow::Result<apply::Loading> {
         let mut script = antispoof::antispoof_ruleset(&self.id, &self.addressing);
         script.push('\n');
-        script.push_str(&ruleset::sandbox_ruleset(rules));
+        // The shared table's skeleton only where it is not there yet: written again, it costs
+        // the transaction 15 ms. Where the answer is wrong either way, the load still holds:
+        // the table that appeared meanwhile is written anew, one that went fails it (closed).
+        let skeleton = !self.netlink.table_exists(SHARED_TABLE).unwrap_or(false);
+        script.push_str(&ruleset::sandbox_ruleset(rules, skeleton));
         // From here on, the teardown removes them: submitted, they may be in.
         let _ = self.objects.set(ruleset::objects_of(rules));
         Ok(nft.submit(
@@ -474,7 +497,9 @@ impl Sandbox {
             .collect();
         // Over the netlink socket already open (no process to start at exit): its part of the
         // shared table, at once; where that fails, whatever of it is there, one by one.
-        errors.extend(self.remove_shared_objects());
+        let shared_left = self.remove_shared_objects();
+        let shared_removed = shared_left.is_none();
+        errors.extend(shared_left);
         // Then the anti-spoofing table.
         errors.extend(delete_table(
             &self.netlink,
@@ -498,6 +523,16 @@ impl Sandbox {
             self.forget_flows(&flows_of)
         };
         match forgotten {
+            // Something of it may be left in the shared table: its record stays, and with it
+            // its addresses (its elements there are keyed on them), for the clean-up.
+            Ok(_) if !shared_removed => {
+                errors.push(
+                    "its record stays until `portcullis cleanup`, or the next run, removes \
+                     what is left of it"
+                        .to_owned(),
+                );
+                self.lease = None;
+            }
             Ok(_) => forget_run(&self.state, &self.id, &mut self.lease, &self.netlink),
             Err(e) => {
                 errors.push(format!(

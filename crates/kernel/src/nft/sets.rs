@@ -40,7 +40,7 @@ use crate::names::{
     SET_ALLOW4, SET_ALLOW4_PORT, SET_ALLOW6, SET_ALLOW6_PORT, SHARED_TABLE, SandboxId,
 };
 use crate::nft::Family;
-use crate::nft::ruleset::{KeyPart, SandboxObjects};
+use crate::nft::ruleset::{KeyPart, SandboxObjects, skeleton_objects};
 use crate::{Error, Result};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -573,21 +573,88 @@ impl NetlinkSetWriter {
         }
     }
 
-    /// Deletes `inet` table `table`; whether it was there.
-    pub fn delete_table_if_present(&self, table: &str) -> Result<bool> {
-        let mut del = NetlinkMessage::from(NetfilterMessage::new(
-            NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
+    /// Deletes the shared table if no sandbox has anything left in it, whoever's state
+    /// directory it was made from; whether it did. One transaction: the table's own base
+    /// chains (flushed first) and maps, then the table itself with NLM_F_NONREC, which the
+    /// kernel refuses (EBUSY) while the table holds anything else: a sandbox's chain, set or
+    /// counter. Refused, the whole transaction is undone. A table that is not there is no
+    /// error.
+    pub fn delete_shared_table_if_unused(&self) -> Result<bool> {
+        const NLM_F_NONREC: u16 = 0x100;
+        let (chains, sets) = skeleton_objects();
+        let t = || SHARED_TABLE.to_owned();
+        let msg = |inner: NfTablesMessage, extra: u16| {
+            let mut m = NetlinkMessage::from(NetfilterMessage::new(
+                NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
+                inner,
+            ));
+            m.header.flags = NLM_F_REQUEST | NLM_F_ACK | extra;
+            m
+        };
+        let mut msgs = vec![control(ControlMessage::BatchBegin, 0)];
+        for c in &chains {
+            msgs.push(msg(
+                NfTablesMessage::DeleteRule(RuleMessage {
+                    attributes: vec![
+                        RuleAttribute::Table(t()),
+                        RuleAttribute::Chain((*c).to_owned()),
+                    ],
+                }),
+                0,
+            ));
+        }
+        for c in &chains {
+            msgs.push(msg(
+                NfTablesMessage::DeleteChain(ChainMessage {
+                    attributes: vec![
+                        ChainAttribute::Table(t()),
+                        ChainAttribute::Name((*c).to_owned()),
+                    ],
+                }),
+                0,
+            ));
+        }
+        for s in &sets {
+            msgs.push(msg(
+                NfTablesMessage::DeleteSet(SetMessage {
+                    attributes: vec![
+                        SetAttribute::Table(t()),
+                        SetAttribute::Name((*s).to_owned()),
+                    ],
+                }),
+                0,
+            ));
+        }
+        msgs.push(msg(
             NfTablesMessage::DeleteTable(TableMessage {
+                attributes: vec![TableAttribute::Name(t())],
+            }),
+            NLM_F_NONREC,
+        ));
+        msgs.push(control(ControlMessage::BatchEnd, 0));
+        match self.transact(msgs, &|| {
+            format!("delete nft table inet {SHARED_TABLE} if no sandbox is left in it")
+        }) {
+            Ok(_) => Ok(true),
+            Err(Error::Kernel { source, .. })
+                if matches!(source.raw_os_error(), Some(libc::ENOENT | libc::EBUSY)) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether `inet` table `table` exists.
+    pub fn table_exists(&self, table: &str) -> Result<bool> {
+        let mut get = NetlinkMessage::from(NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
+            NfTablesMessage::GetTable(TableMessage {
                 attributes: vec![TableAttribute::Name(table.to_owned())],
             }),
         ));
-        del.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-        let msgs = vec![
-            control(ControlMessage::BatchBegin, 0),
-            del,
-            control(ControlMessage::BatchEnd, 0),
-        ];
-        match self.transact(msgs, &|| format!("delete nft table inet {table}")) {
+        get.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        match self.transact(vec![get], &|| format!("look for nft table inet {table}")) {
             Ok(_) => Ok(true),
             Err(Error::Kernel { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
                 Ok(false)

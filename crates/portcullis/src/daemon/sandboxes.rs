@@ -975,8 +975,14 @@ impl Manager {
         {
             stop_keeper(pid, st);
         }
+        // Its network, if any: its part of the shared table is keyed on that bridge.
+        let old_network = record
+            .as_ref()
+            .and_then(|(r, _)| r.network.as_ref())
+            .and_then(|n| self.state.network(n).ok().flatten());
         if let Some((record, _)) = &record
-            && let Ok(mut sb) = Sandbox::adopt(&self.state, record, self.netlink.clone(), None)
+            && let Ok(mut sb) =
+                Sandbox::adopt(&self.state, record, self.netlink.clone(), old_network)
         {
             sb.netns_gone();
             let _ = sb.teardown();
@@ -1117,7 +1123,7 @@ fn rules_of(
     learn: bool,
 ) -> String {
     with_rules(sandbox, ports, policy, nflog_group, publish, learn, |r| {
-        sandbox_ruleset(r)
+        sandbox_ruleset(r, false)
     })
 }
 
