@@ -582,55 +582,22 @@ impl NetlinkSetWriter {
     pub fn delete_shared_table_if_unused(&self) -> Result<bool> {
         const NLM_F_NONREC: u16 = 0x100;
         let (chains, sets) = skeleton_objects();
-        let t = || SHARED_TABLE.to_owned();
-        let msg = |inner: NfTablesMessage, extra: u16| {
-            let mut m = NetlinkMessage::from(NetfilterMessage::new(
-                NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
-                inner,
-            ));
-            m.header.flags = NLM_F_REQUEST | NLM_F_ACK | extra;
-            m
+        // The table's own objects go the way a sandbox's do (it has no elements or counters).
+        let own = SandboxObjects {
+            chains: chains.iter().map(|c| (*c).to_owned()).collect(),
+            sets: sets.iter().map(|s| (*s).to_owned()).collect(),
+            ..SandboxObjects::default()
         };
         let mut msgs = vec![control(ControlMessage::BatchBegin, 0)];
-        for c in &chains {
-            msgs.push(msg(
-                NfTablesMessage::DeleteRule(RuleMessage {
-                    attributes: vec![
-                        RuleAttribute::Table(t()),
-                        RuleAttribute::Chain((*c).to_owned()),
-                    ],
-                }),
-                0,
-            ));
-        }
-        for c in &chains {
-            msgs.push(msg(
-                NfTablesMessage::DeleteChain(ChainMessage {
-                    attributes: vec![
-                        ChainAttribute::Table(t()),
-                        ChainAttribute::Name((*c).to_owned()),
-                    ],
-                }),
-                0,
-            ));
-        }
-        for s in &sets {
-            msgs.push(msg(
-                NfTablesMessage::DeleteSet(SetMessage {
-                    attributes: vec![
-                        SetAttribute::Table(t()),
-                        SetAttribute::Name((*s).to_owned()),
-                    ],
-                }),
-                0,
-            ));
-        }
-        msgs.push(msg(
+        msgs.extend(encode_objects_removal(&own).into_iter().map(|(m, _)| m));
+        let mut del = NetlinkMessage::from(NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
             NfTablesMessage::DeleteTable(TableMessage {
-                attributes: vec![TableAttribute::Name(t())],
+                attributes: vec![TableAttribute::Name(SHARED_TABLE.to_owned())],
             }),
-            NLM_F_NONREC,
         ));
+        del.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_NONREC;
+        msgs.push(del);
         msgs.push(control(ControlMessage::BatchEnd, 0));
         match self.transact(msgs, &|| {
             format!("delete nft table inet {SHARED_TABLE} if no sandbox is left in it")
