@@ -59,8 +59,9 @@ pub fn cleanup_stale(state: &StateDir, scan: bool) -> Vec<String> {
     for id in state.remove_orphans() {
         removed.push(format!("state files of sandbox {id}"));
     }
-    // With no sandbox alive, the shared table goes whole, with whatever is left in it. The
-    // last run's teardown removed it: only a dead run's leftovers, or `cleanup`, bring us here.
+    // With no sandbox alive, the shared table goes if the kernel finds nothing of any sandbox
+    // left in it. The last run's teardown removed it: only a dead run's leftovers, or
+    // `cleanup`, bring us here.
     if live.is_empty() && (scan || !records.is_empty()) {
         delete_shared_table(None, &mut removed);
     }
@@ -100,6 +101,18 @@ pub fn cleanup_stale(state: &StateDir, scan: bool) -> Vec<String> {
     // A network's bridge and table whose record is gone (a state directory removed by hand).
     if scan {
         remove_stale_networks(state, &mut removed);
+    }
+    // `cleanup` with no sandbox alive and, now, no sandbox link left in the namespace (of any
+    // state directory: a running sandbox has one): what is still in the shared table belongs
+    // to sandboxes whose records were removed by hand, and the table goes whatever it holds.
+    if scan
+        && live.is_empty()
+        && link::link_names()
+            .is_ok_and(|names| !names.iter().any(|n| SandboxId::from_ifname(n).is_some()))
+        && apply::list_tables().is_ok_and(|t| t.iter().any(|t| t == SHARED_TABLE))
+        && apply::delete_table(SHARED_TABLE).is_ok()
+    {
+        removed.push(format!("nft table inet {SHARED_TABLE}"));
     }
     if live.is_empty() && (scan || !records.is_empty()) {
         restore_host(state, &mut removed);

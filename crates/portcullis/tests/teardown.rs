@@ -539,3 +539,39 @@ fn a_sandbox_ending_beside_another_removes_only_its_own_part_of_the_shared_table
     assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
     assert_eq!(residue(&world), before, "left behind");
 }
+
+/// A killed run whose state directory was then removed by hand: nothing says which sandbox
+/// its part of the shared table was, and `portcullis cleanup`, finding no sandbox alive and
+/// no sandbox link left, removes the table whole.
+#[test]
+fn cleanup_removes_a_killed_runs_shared_table_whose_records_were_removed_by_hand() {
+    use std::os::unix::fs::MetadataExt as _;
+    const SECS: &str = "6172";
+    let world = World::new(&zone());
+    let before = residue(&world);
+    let (mut portcullis, cmd) = start_sleeper(&world, SECS);
+    kill(Pid::from_raw(portcullis.pid() as i32), Signal::SIGKILL).unwrap();
+    let _ = portcullis.output_within(Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(20), || cmdline(cmd).is_none()),
+        "CMD outlived Portcullis"
+    );
+    let (nft, _, _) = residue(&world);
+    assert!(nft.contains("table inet portcullis_sandboxes"), "{nft}");
+    let ino = std::fs::metadata(format!("/run/netns/{}", world.uplink_ns()))
+        .unwrap()
+        .ino();
+    std::fs::remove_dir_all(format!("/run/portcullis/net-{ino}")).unwrap();
+    let out = world
+        .uplink_cmd(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("cleanup")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("portcullis_sandboxes"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(residue(&world), before, "cleanup left something behind");
+}
