@@ -25,15 +25,15 @@ loader.exec_module(br)
 CHAINS = {
     "nat": """	chain dns_redirect {
 		type nat hook prerouting priority dstnat - 10; policy accept;
-		iifname "@IF@" meta nfproto ipv4 udp dport 53 dnat ip to 10.200.0.1:5353
-		iifname "@IF@" meta nfproto ipv4 tcp dport 53 dnat ip to 10.200.0.1:5353
-		iifname "@IF@" meta nfproto ipv6 udp dport 53 dnat ip6 to [fd00::1]:5353
-		iifname "@IF@" meta nfproto ipv6 tcp dport 53 dnat ip6 to [fd00::1]:5353
+		iifname "@IF@" meta nfproto ipv4 udp dport 53 dnat ip to 203.0.113.125:5353
+		iifname "@IF@" meta nfproto ipv4 tcp dport 53 dnat ip to 203.0.113.125:5353
+		iifname "@IF@" meta nfproto ipv6 udp dport 53 dnat ip6 to [2001:db8:fff9::1]:5353
+		iifname "@IF@" meta nfproto ipv6 tcp dport 53 dnat ip6 to [2001:db8:fff9::1]:5353
 	}
 	chain source_nat {
 		type nat hook postrouting priority srcnat; policy accept;
-		oifname != "@IF@" ip saddr 10.200.0.2 masquerade
-		oifname != "@IF@" ip6 saddr fd00::2 masquerade
+		oifname != "@IF@" ip saddr 203.0.113.126 masquerade
+		oifname != "@IF@" ip6 saddr 2001:db8:fff9::2 masquerade
 	}
 """,
     "filter": """	chain host_input {

@@ -560,21 +560,27 @@ impl Sandbox {
 
     /// Removes what the sandbox has in the shared table; the error, if something may be left.
     fn remove_shared_objects(&self) -> Option<String> {
-        let exact = match self.objects.get() {
-            Some(o) => self.netlink.remove_objects(o),
-            // A daemon's adopted sandbox: what it published is not known here.
-            None => Err(portcullis_kernel::Error::Other("not known".into())),
-        };
-        let Err(e) = exact else {
-            return None;
+        // What it added, at once. A daemon's adopted sandbox does not know what it published:
+        // it goes straight to the removal of whatever of it is there.
+        let first = match self.objects.get().map(|o| self.netlink.remove_objects(o)) {
+            Some(Ok(())) => return None,
+            Some(Err(e)) => {
+                tracing::warn!(
+                    "sandbox {}: removing its part of table {SHARED_TABLE} at once failed \
+                     ({e}); removing it one object at a time",
+                    self.id
+                );
+                Some(e)
+            }
+            None => None,
         };
         let bridge = self.network.as_ref().map(|n| n.bridge.as_str());
         let possible = possible_objects(&self.id, &self.addressing, bridge);
-        match self.netlink.remove_objects_present(&possible) {
-            Ok(_) => None,
-            Err(e2) if self.objects.get().is_some() => Some(format!("{e}; then {e2}")),
-            Err(e2) => Some(e2.to_string()),
-        }
+        let e2 = self.netlink.remove_objects_present(&possible).err()?;
+        Some(match first {
+            Some(e) => format!("{e}; then {e2}"),
+            None => e2.to_string(),
+        })
     }
 
     /// Deletes the conntrack entries of the flows of `addrs` (the sandbox's), on a socket
